@@ -1,0 +1,248 @@
+"""Hugging Face safetensors checkpoints <-> dsv2 models: one name table, one loop each way.
+
+The official layout (model-spec §3) keeps every projection and every expert as its own tensor; dsv2
+fuses some (q_a_proj + kv_a_proj_with_mqa -> wqkv_a, gate_proj + up_proj -> w13, experts stacked on a
+leading axis). Each table row says which slice of which dsv2 parameter one HF tensor fills. This is the
+only module that knows Hugging Face parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dsv2.config import ModelConfig
+from dsv2.model import Transformer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as the config says: the message names the tensor or file."""
+
+
+# (HF name, dsv2 parameter, part). {i} is the layer, {e} the expert. Part picks rows of a fused matrix:
+# "q"/"kv" split wqkv_a, "gate"/"up" split w13; None means the whole tensor.
+_GLOBAL = [
+    ("model.embed_tokens.weight", "embed.weight", None),
+    ("model.norm.weight", "norm.weight", None),
+    ("lm_head.weight", "head.weight", None),
+]
+_LAYER = [
+    ("input_layernorm.weight", "attn_norm.weight", None),
+    ("post_attention_layernorm.weight", "ffn_norm.weight", None),
+    ("self_attn.kv_a_proj_with_mqa.weight", "attn.wqkv_a.weight", "kv"),
+    ("self_attn.kv_a_layernorm.weight", "attn.kv_norm.weight", None),
+    ("self_attn.kv_b_proj.weight", "attn.wkv_b.weight", None),
+    ("self_attn.o_proj.weight", "attn.wo.weight", None),
+]
+_Q_PLAIN = [("self_attn.q_proj.weight", "attn.wqkv_a.weight", "q")]
+_Q_LORA = [
+    ("self_attn.q_a_proj.weight", "attn.wqkv_a.weight", "q"),
+    ("self_attn.q_a_layernorm.weight", "attn.q_norm.weight", None),
+    ("self_attn.q_b_proj.weight", "attn.wq_b.weight", None),
+]
+_DENSE = [
+    ("mlp.gate_proj.weight", "ffn.w13.weight", "gate"),
+    ("mlp.up_proj.weight", "ffn.w13.weight", "up"),
+    ("mlp.down_proj.weight", "ffn.w2.weight", None),
+]
+_MOE = [
+    ("mlp.gate.weight", "ffn.gate.weight", None),
+    ("mlp.shared_experts.gate_proj.weight", "ffn.shared.w13.weight", "gate"),
+    ("mlp.shared_experts.up_proj.weight", "ffn.shared.w13.weight", "up"),
+    ("mlp.shared_experts.down_proj.weight", "ffn.shared.w2.weight", None),
+]
+_EXPERT = [
+    ("mlp.experts.{e}.gate_proj.weight", "ffn.experts.w13", "gate"),
+    ("mlp.experts.{e}.up_proj.weight", "ffn.experts.w13", "up"),
+    ("mlp.experts.{e}.down_proj.weight", "ffn.experts.w2", None),
+]
+
+
+@dataclass(frozen=True)
+class Entry:
+    hf_name: str
+    param: str  # dsv2 parameter name
+    expert: int | None  # index on the stacked expert axis
+    part: str | None  # which rows of a fused matrix
+
+
+def layout(cfg: ModelConfig) -> list[Entry]:
+    """Every tensor of the official checkpoint for this config, in the official order."""
+    entries = [Entry(hf, p, None, part) for hf, p, part in _GLOBAL]
+    for i in range(cfg.num_hidden_layers):
+        rows = _LAYER + (_Q_LORA if cfg.q_lora_rank is not None else _Q_PLAIN)
+        if cfg.is_moe_layer(i):
+            rows = rows + (_MOE if cfg.n_shared_experts else _MOE[:1])
+        else:
+            rows = rows + _DENSE
+        entries += [Entry(f"model.layers.{i}.{hf}", f"layers.{i}.{p}", None, part) for hf, p, part in rows]
+        if cfg.is_moe_layer(i):
+            entries += [Entry(f"model.layers.{i}.{hf.format(e=e)}", f"layers.{i}.{p}", e, part)
+                        for e in range(cfg.n_routed_experts) for hf, p, part in _EXPERT]
+    return entries
+
+
+def _target(param: torch.Tensor, entry: Entry, cfg: ModelConfig) -> torch.Tensor:
+    """The view of `param` that `entry`'s HF tensor fills."""
+    t = param if entry.expert is None else param[entry.expert]
+    rows = t.shape[0]
+    if entry.part in ("gate", "up"):
+        return t[: rows // 2] if entry.part == "gate" else t[rows // 2 :]
+    if entry.part in ("q", "kv"):
+        kv = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return t[: rows - kv] if entry.part == "q" else t[rows - kv :]
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> Transformer:
+    """config.json + model.safetensors (or sharded model-*.safetensors with an index) -> Transformer.
+
+    The model is built on the meta device and materialised once in `dtype` on `device`; tensors are then
+    copied in one at a time from memory-mapped files, so peak memory is about one copy of the weights.
+    """
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root}: no config.json (expected a Hugging Face checkpoint directory)")
+    cfg = ModelConfig.from_hf(root / "config.json")
+    files = _weight_files(root)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    params = dict(model.named_parameters())
+    table = {e.hf_name: e for e in layout(cfg)}
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                entry = table.get(name)
+                if entry is None:
+                    # transformers writes n_shared_experts=0 as zero-width shared-expert tensors
+                    if 0 not in f.get_slice(name).get_shape():
+                        unexpected.append(name)
+                    continue
+                target = _target(params[entry.param], entry, cfg)
+                tensor = _get(f, name, file)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
+                        f"{tuple(target.shape)}; the weights contradict the config"
+                    )
+                with torch.no_grad():
+                    target.copy_(tensor)
+                filled.add(name)
+    _check_complete(root, table, filled, unexpected)
+    model.rotary.inv_freq = model.rotary.inv_freq.to(device)
+    return model.eval()
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing[:5]}")
+        return files
+    if (root / SINGLE_NAME).is_file():
+        return [root / SINGLE_NAME]
+    raise FileNotFoundError(f"{root}: neither {SINGLE_NAME} nor {INDEX_NAME}")
+
+
+def _open(file: Path):  # noqa: ANN202 (safetensors' handle type is private)
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _get(handle, name: str, file: Path) -> torch.Tensor:  # noqa: ANN001
+    try:
+        return handle.get_tensor(name)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
+
+
+def _check_complete(root: Path, table: dict[str, Entry], filled: set[str], unexpected: list[str]) -> None:
+    missing = [name for name in table if name not in filled]
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensors (first: {missing[:5]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (first: {sorted(unexpected)[:5]})")
+    hint = " -- the weights do not match config.json" if missing and unexpected else ""
+    raise CheckpointError(f"{root}: " + "; ".join(parts) + hint)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json + safetensors shards + index in the official layout (loadable by transformers)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    limit = _parse_size(max_shard_size)
+    params = dict(model.named_parameters())
+    shards = list(_plan_shards(cfg, params, limit))
+    total = sum(_target(params[e.param], e, cfg).nbytes for shard in shards for e in shard)
+    weight_map: dict[str, str] = {}
+    for n, shard in enumerate(shards, start=1):
+        name = SINGLE_NAME if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        # clone: the slices share storage with their fused parameter, which safetensors refuses to write.
+        tensors = {e.hf_name: _target(params[e.param], e, cfg).detach().to("cpu").clone() for e in shard}
+        save_file(tensors, root / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(params["embed.weight"].dtype).removeprefix("torch.")
+    (root / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+
+def _plan_shards(cfg: ModelConfig, params: dict[str, torch.Tensor], limit: int) -> Iterator[list[Entry]]:
+    shard: list[Entry] = []
+    size = 0
+    for entry in layout(cfg):
+        nbytes = _target(params[entry.param], entry, cfg).nbytes
+        if shard and size + nbytes > limit:
+            yield shard
+            shard, size = [], 0
+        shard.append(entry)
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?)?B?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB' / '500MB'")
+    unit = (m.group(2) or "").upper()
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[unit]
+    return int(float(m.group(1)) * scale)

@@ -1,0 +1,3 @@
+from dsv2.model.transformer import LatentCache, Transformer
+
+__all__ = ["LatentCache", "Transformer"]

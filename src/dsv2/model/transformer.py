@@ -1,0 +1,111 @@
+"""The DeepSeek-V2 decoder: pre-norm blocks of MLA + (dense SwiGLU | DeepSeekMoE), fp32 logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv2.config import ModelConfig
+from dsv2.model.mla import MLA
+from dsv2.model.moe import MoE
+from dsv2.model.norm import MLP, RMSNorm
+from dsv2.model.rope import Rotary
+
+
+class LatentCache:
+    """A contiguous per-sequence latent cache: one (B, max_len, kv_lora_rank + qk_rope_head_dim) tensor per
+    layer holding [RMSNorm(c_kv) | RoPE(k_pe)] -- everything MLA needs to attend to a past token.
+    All B sequences advance together; the engine's paged cache replaces this for mixed lengths."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.layers = [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device)
+                       for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv_cache: torch.Tensor | None, start: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+        self.init_weights(cfg.initializer_range)
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """N(0, std) for every matrix, ones for the norms (a no-op on the meta device)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab) in fp32.
+
+        positions: (B, T) or (T,); default start..start+T-1 where start is the cache length (or 0).
+        attention_mask: (B, T) with 1 for real tokens and 0 for padding (left or right), as in transformers.
+        cache: a LatentCache; the new tokens' latents are appended and attention runs absorbed.
+        """
+        return self.head(self.hidden_states(input_ids, positions, attention_mask, cache)).float()
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states (B, T, H): callers that need few logits apply `head` themselves."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            if attention_mask is not None:
+                raise ValueError("LatentCache holds equal-length sequences; attention_mask is not supported with it")
+            if start + T > cache.max_len:
+                raise ValueError(f"cache holds {cache.max_len} tokens; {start} cached + {T} new do not fit")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        mask = padding_mask(attention_mask) if attention_mask is not None else None
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(x)
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1/0 -> (B, 1, T, T) bool: causal, never attending to padding. Each position may always see
+    itself, so the rows of padding queries are not empty (their outputs are unused, but must not be NaN)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    return (causal & keys) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)

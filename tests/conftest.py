@@ -1,0 +1,44 @@
+"""Shared helpers: small configurations of the DeepSeek-V2 family and random reference models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv2 import ModelConfig
+from dsv2.config import YarnScaling
+
+YARN_0707 = YarnScaling(factor=40.0, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.707)
+YARN_1 = YarnScaling(factor=8.0, original_max_position_embeddings=320, mscale=1.0, mscale_all_dim=1.0)
+
+
+def small_config(**overrides: object) -> ModelConfig:
+    """V2's structure at test size: q compression, 8 experts in 4 groups, shared experts, a dense layer."""
+    base = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, n_shared_experts=2, n_routed_experts=8,
+        num_experts_per_tok=3, routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        first_k_dense_replace=1, max_position_embeddings=2560, rope_scaling=YARN_0707,
+        bos_token_id=0, eos_token_id=1, torch_dtype="float32",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.15) -> torch.nn.Module:
+    """Weights large enough that routing decisions, norms and attention patterns all matter: norm
+    weights around 1, everything else N(0, std). Same parameter order => same values for a given seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

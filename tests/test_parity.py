@@ -104,14 +104,18 @@ def test_dsv2_save_loads_in_transformers(pair, tmp_path: Path) -> None:
 
 
 @torch.no_grad()
-def test_bf16_close_to_fp32(pair, tmp_path: Path) -> None:
+def test_bf16_as_accurate_as_transformers_bf16(pair, tmp_path: Path) -> None:
+    """bf16 weights and activations, fp32 logits: the error against the fp32 reference is no larger than
+    transformers' own bf16 error on the same weights."""
     cfg, ref, model = pair
     ref.save_pretrained(tmp_path)
     model16 = load(tmp_path, dtype=torch.bfloat16)
+    ref16 = DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert model16.embed.weight.dtype == torch.bfloat16
     ids = _inputs(cfg, batch=2, length=24, seed=4)
-    full, half = model(ids), model16(ids)
-    assert half.dtype == torch.float32
-    # bf16 keeps 8 bits of mantissa: agreement on the top token for nearly every position
-    agree = (full.argmax(-1) == half.argmax(-1)).float().mean().item()
-    assert agree >= 0.9
+    exact = ref(ids).logits
+    ours = model16(ids)
+    assert ours.dtype == torch.float32
+    our_err = (ours - exact).abs().mean().item()
+    their_err = (ref16(ids).logits.float() - exact).abs().mean().item()
+    assert 0 < our_err <= 1.5 * their_err

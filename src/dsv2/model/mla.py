@@ -77,11 +77,16 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, nh, T, dq)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, nh, self.rope_dim)], dim=-1).transpose(1, 2)
+        dq = q.shape[-1]
+        # The fused (flash) SDPA kernels need one head dim for q, k and v; with dv < dq torch falls back to
+        # the unfused math path (2-3x slower on CPU), so pad v with zeros and drop the padding afterwards.
+        if self.v_dim < dq:
+            v = F.pad(v, (0, dq - self.v_dim))
         o = F.scaled_dot_product_attention(
             q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
-        )  # (B, nh, T, dv)
-        return self.wo(o.transpose(1, 2).flatten(2))
+        )  # (B, nh, T, max(dq, dv))
+        return self.wo(o[..., : self.v_dim].transpose(1, 2).flatten(2))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, start: int) -> torch.Tensor:
         B, T, nh, _ = q_nope.shape

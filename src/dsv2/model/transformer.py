@@ -73,7 +73,11 @@ class Transformer(nn.Module):
         attention_mask: (B, T) with 1 for real tokens and 0 for padding (left or right), as in transformers.
         cache: a LatentCache; the new tokens' latents are appended and attention runs absorbed.
         """
-        return self.head(self.hidden_states(input_ids, positions, attention_mask, cache)).float()
+        return self.logits(self.hidden_states(input_ids, positions, attention_mask, cache))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on (..., H) final hidden states -> fp32 logits (prefill needs only the last position's)."""
+        return self.head(hidden).float()
 
     def hidden_states(
         self,
@@ -82,7 +86,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: LatentCache | None = None,
     ) -> torch.Tensor:
-        """The final-normed hidden states (B, T, H): callers that need few logits apply `head` themselves."""
+        """The final-normed hidden states (B, T, H), before lm_head."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is not None:

@@ -49,14 +49,19 @@ class Router(nn.Module):
 
 
 def limit_to_groups(scores_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """Zero the scores outside each token's topk_group best groups (group score = its max expert score;
-    groups are contiguous blocks of E / n_group experts)."""
+    """Mask the scores outside each token's topk_group best groups (group score = its max expert score;
+    groups are contiguous blocks of E / n_group experts).
+
+    The official code masks with 0.0; we use -inf. The outputs are identical (a masked expert could only win
+    a tie against in-group probabilities that underflowed to exactly 0, and both then carry weight 0), but
+    -inf guarantees the chosen experts always lie inside the kept groups, which the load statistics rely on.
+    """
     T, E = scores_TE.shape
     group_TG = scores_TE.view(T, n_group, E // n_group).amax(dim=-1)
     keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
     keep_TG.scatter_(1, torch.topk(group_TG, topk_group, dim=-1, sorted=False).indices, True)
     keep_TE = keep_TG[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
-    return scores_TE.masked_fill(~keep_TE, 0.0)
+    return scores_TE.masked_fill(~keep_TE, float("-inf"))
 
 
 class Experts(nn.Module):

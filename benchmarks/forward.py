@@ -1,7 +1,8 @@
 """Prefill throughput: dsv2 vs transformers' DeepseekV2ForCausalLM on the same random weights.
 
 A ~100M-parameter DeepSeek-V2-shaped model (MLA with q compression, 32 routed experts in 4 groups, 2 shared,
-one dense layer), batch 4 x 512 tokens, fp32 and bf16, forward only under inference_mode. Both models run
+one dense layer), batch 4 x 512 tokens, fp32 and bf16, under inference_mode: prefill (hidden states for
+every position, logits for the last, as an engine does) and the full forward (logits everywhere). Both models run
 in the same process, alternating, several repetitions; we report medians and the ratio.
 
     python benchmarks/forward.py [--reps 5] [--batch 4] [--seq 512] [--threads N]
@@ -63,17 +64,23 @@ def main() -> None:
     print(f"# {CFG.num_params() / 1e6:.1f}M params ({CFG.num_active_params() / 1e6:.1f}M active), "
           f"batch {args.batch} x {args.seq}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
-    print("| dtype | dsv2 tok/s (median) | transformers tok/s (median) | ratio |")
-    print("|---|---|---|---|")
+    print("| dtype | what | dsv2 tok/s (median) | transformers tok/s (median) | ratio |")
+    print("|---|---|---|---|---|")
     for dtype, ours, theirs in [("fp32", ours32, ref), ("bf16", ours16, ref16)]:
-        with torch.inference_mode():
-            t_ours, t_ref = [], []
-            for _ in range(args.reps):  # interleave so drift in machine load hits both alike
-                t_ours += time_forward(lambda: ours(ids), 1)
-                t_ref += time_forward(lambda: theirs(ids).logits.float(), 1)
-        a, b = tokens / statistics.median(t_ours), tokens / statistics.median(t_ref)
-        print(f"| {dtype} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |", flush=True)
-
+        cases = {
+            # what an engine's prefill computes: every position's hidden state, the last position's logits
+            "prefill (last-token logits)": (lambda: ours.logits(ours.hidden_states(ids)[:, -1:]),
+                                            lambda: theirs(ids, logits_to_keep=1).logits.float()),
+            "forward (all logits, fp32)": (lambda: ours(ids), lambda: theirs(ids).logits.float()),
+        }
+        for what, (run_ours, run_ref) in cases.items():
+            with torch.inference_mode():
+                t_ours, t_ref = [], []
+                for _ in range(args.reps):  # interleaved, so drift in machine load hits both alike
+                    t_ours += time_forward(run_ours, 1)
+                    t_ref += time_forward(run_ref, 1)
+            a, b = tokens / statistics.median(t_ours), tokens / statistics.median(t_ref)
+            print(f"| {dtype} | {what} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -68,7 +68,7 @@ class MLA(nn.Module):
         if kv_cache is None:
             return self._naive(q_nope, q_pe, c_kv, k_pe, mask)
         kv_cache[:, start:start + T] = torch.cat([c_kv, k_pe], dim=-1)
-        return self._absorbed(q_nope, q_pe, kv_cache[:, :start + T], start)
+        return self._absorbed(q_nope, q_pe, kv_cache[:, :start + T].to(q.dtype), start)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:

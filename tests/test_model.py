@@ -123,3 +123,16 @@ def test_bf16_forward_gives_fp32_logits() -> None:
     assert (half - full).abs().max().item() < 0.1 * full.abs().max().item()
     # the rotary frequencies are not rounded by the cast
     assert model.rotary.inv_freq.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_routing_out_reports_every_moe_layer() -> None:
+    cfg = small_config(num_hidden_layers=4, first_k_dense_replace=1)
+    model = randomize_(Transformer(cfg), seed=2).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    routing: list = []
+    logits = model(ids, routing_out=routing)
+    assert torch.equal(logits, model(ids))
+    assert len(routing) == 3
+    assert routing[0].scores.shape == (20, cfg.n_routed_experts)
+    assert routing[0].indices.shape == routing[0].weights.shape == (20, cfg.num_experts_per_tok)

@@ -115,9 +115,13 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts
         self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
 
-    def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reference: bool = False, routing_out: list[Routing] | None = None
+                ) -> torch.Tensor:
+        """reference: use the loop path; routing_out: if given, this layer's Routing is appended to it."""
         x_TH = x.flatten(0, -2)
         routing = self.gate(x_TH)
+        if routing_out is not None:
+            routing_out.append(routing)
         y_TH = (self.experts.forward_loop if reference else self.experts)(x_TH, routing)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)

@@ -7,7 +7,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.mla import MLA
-from dsv2.model.moe import MoE
+from dsv2.model.moe import MoE, Routing
 from dsv2.model.norm import MLP, RMSNorm
 from dsv2.model.rope import Rotary
 
@@ -35,9 +35,11 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv_cache: torch.Tensor | None, start: int) -> torch.Tensor:
+                kv_cache: torch.Tensor | None, start: int, routing_out: list[Routing] | None = None
+                ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, routing_out=routing_out) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class Transformer(nn.Module):
@@ -66,14 +68,17 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: LatentCache | None = None,
+        routing_out: list[Routing] | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in fp32.
 
         positions: (B, T) or (T,); default start..start+T-1 where start is the cache length (or 0).
         attention_mask: (B, T) with 1 for real tokens and 0 for padding (left or right), as in transformers.
         cache: a LatentCache; the new tokens' latents are appended and attention runs absorbed.
+        routing_out: if given, each MoE layer appends its Routing (scores, chosen experts, weights) in
+        layer order -- what the balance losses and load statistics read.
         """
-        return self.logits(self.hidden_states(input_ids, positions, attention_mask, cache))
+        return self.logits(self.hidden_states(input_ids, positions, attention_mask, cache, routing_out))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head on (..., H) final hidden states -> fp32 logits (prefill needs only the last position's)."""
@@ -85,6 +90,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: LatentCache | None = None,
+        routing_out: list[Routing] | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states (B, T, H), before lm_head."""
         B, T = input_ids.shape
@@ -100,7 +106,7 @@ class Transformer(nn.Module):
         mask = padding_mask(attention_mask) if attention_mask is not None else None
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start, routing_out)
         if cache is not None:
             cache.length = start + T
         return self.norm(x)

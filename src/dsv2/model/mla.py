@@ -15,6 +15,8 @@ Two equivalent ways to attend:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,34 +51,45 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
-        kv_cache: torch.Tensor | None = None,
-        start: int = 0,
+        cache: AttentionCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
-        """x (B, T, H) at positions start..start+T-1 -> (B, T, H).
+        """x (B, T, H) -> (B, T, H); cos/sin (..., T, rope_dim/2) for the tokens' positions.
 
-        mask: optional (B, 1, T, T) bool, True = may attend (padding); causal when None.
-        kv_cache: optional (B, S_max, kv_rank + rope_dim) latent cache; this call writes rows
-        start..start+T-1 and attends over rows 0..start+T-1 with the absorbed weights.
+        Without a cache, naive causal attention among the T tokens; mask (B, 1, T, T) bool (True = may
+        attend) replaces the causal mask, e.g. for padding. With a cache, the cache stores this layer's
+        latents and decides how to attend (see LatentCache and the engine's paged cache).
         """
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        if cache is None:
+            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            o = cache.attend(layer, self, q_nope, q_pe, c_kv, k_pe)
+        return self.wo(o.flatten(-2))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> q_nope (B, T, nh, dn), rotated q_pe (B, T, nh, dr), normed c_kv (B, T, dc) and
+        rotated k_pe (B, T, dr): [c_kv | k_pe] is exactly what a latent cache stores."""
         B, T, _ = x.shape
         q_in, c_kv, k_pe = self.wqkv_a(x).split([self.q_in_dim, self.kv_rank, self.rope_dim], dim=-1)
         q = self.wq_b(self.q_norm(q_in)) if self.q_lora else q_in
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos[..., None, :], sin[..., None, :])  # (B, T, nh, dr)
-        c_kv = self.kv_norm(c_kv)  # (B, T, dc)
-        k_pe = apply_rope(k_pe, cos, sin)  # (B, T, dr): one rotated key shared by all heads
-        if kv_cache is None:
-            return self._naive(q_nope, q_pe, c_kv, k_pe, mask)
-        kv_cache[:, start:start + T] = torch.cat([c_kv, k_pe], dim=-1)
-        return self._absorbed(q_nope, q_pe, kv_cache[:, :start + T].to(q.dtype), start)
+        q_pe = apply_rope(q_pe, cos[..., None, :], sin[..., None, :])
+        return q_nope, q_pe, self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)
 
-    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+    def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decompress keys and values of S tokens and attend from T queries -> (B, T, nh, dv).
+
+        mask: bool (B or 1, 1, T, S), True = may attend; None means causal with S == T.
+        """
         B, T, nh, _ = q_nope.shape
-        kv = self.wkv_b(c_kv).view(B, T, nh, self.nope_dim + self.v_dim)
+        S = c_kv.shape[1]
+        kv = self.wkv_b(c_kv).view(B, S, nh, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, nh, T, dq)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, nh, self.rope_dim)], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, nh, self.rope_dim)], dim=-1).transpose(1, 2)
         dq = q.shape[-1]
         # The fused (flash) SDPA kernels need one head dim for q, k and v; with dv < dq torch falls back to
         # the unfused math path (2-3x slower on CPU), so pad v with zeros and drop the padding afterwards.
@@ -86,11 +99,15 @@ class MLA(nn.Module):
             q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
         )  # (B, nh, T, max(dq, dv))
-        return self.wo(o[..., : self.v_dim].transpose(1, 2).flatten(2))
+        return o[..., : self.v_dim].transpose(1, 2)
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, start: int) -> torch.Tensor:
+    def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from T queries straight over S cached latents [c_kv | k_pe] (B, S, dc + dr) -> (B, T, nh, dv).
+
+        mask: bool (..., T, S) broadcastable over the batch, True = may attend; None = every key visible.
+        """
         B, T, nh, _ = q_nope.shape
-        S = latent.shape[1]
         w = self.wkv_b.weight.view(nh, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (nh, dn, dc), (nh, dv, dc)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, nh, dc)
@@ -98,10 +115,15 @@ class MLA(nn.Module):
         q = torch.cat([q_lat, q_pe], dim=-1).view(B, 1, T * nh, self.kv_rank + self.rope_dim)
         k = latent[:, None]  # (B, 1, S, dc + dr)
         v = latent[:, None, :, : self.kv_rank]  # (B, 1, S, dc): the normed latent is the value
-        mask = None
-        if T > 1:  # row (t, h) sees keys 0..start+t
-            q_pos = torch.arange(start, start + T, device=latent.device).repeat_interleave(nh)
-            mask = torch.arange(S, device=latent.device)[None, :] <= q_pos[:, None]  # (T*nh, S)
+        if mask is not None:  # one mask row per (token, head) query row
+            mask = mask[..., :, None, :].expand(*mask.shape[:-1], nh, mask.shape[-1]).flatten(-3, -2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        o = torch.einsum("bthc,hdc->bthd", o.view(B, T, nh, self.kv_rank), w_uv)  # (B, T, nh, dv)
-        return self.wo(o.flatten(2))
+        return torch.einsum("bthc,hdc->bthd", o.view(B, T, nh, self.kv_rank), w_uv)
+
+
+class AttentionCache(Protocol):
+    """Where latents go and how cached tokens are attended: the contiguous LatentCache here, the
+    engine's paged cache in dsv2.infer."""
+
+    def attend(self, layer: int, attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+               k_pe: torch.Tensor) -> torch.Tensor: ...

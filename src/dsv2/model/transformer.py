@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.mla import MLA
+from dsv2.model.mla import MLA, AttentionCache
 from dsv2.model.moe import MoE, Routing
 from dsv2.model.norm import MLP, RMSNorm
 from dsv2.model.rope import Rotary
@@ -15,15 +15,26 @@ from dsv2.model.rope import Rotary
 class LatentCache:
     """A contiguous per-sequence latent cache: one (B, max_len, kv_lora_rank + qk_rope_head_dim) tensor per
     layer holding [RMSNorm(c_kv) | RoPE(k_pe)] -- everything MLA needs to attend to a past token.
-    All B sequences advance together; the engine's paged cache replaces this for mixed lengths."""
+    All B sequences advance together; the engine's paged cache (dsv2.infer) handles mixed lengths."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.layers = [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device)
                        for _ in range(cfg.num_hidden_layers)]
-        self.length = 0
+        self.length = 0  # tokens cached; advanced by Transformer after all layers have written
         self.max_len = max_len
+
+    def attend(self, layer: int, attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+               k_pe: torch.Tensor) -> torch.Tensor:
+        T, end = c_kv.shape[1], self.length + c_kv.shape[1]
+        buf = self.layers[layer]
+        buf[:, self.length:end] = torch.cat([c_kv, k_pe], dim=-1)
+        mask = None
+        if T > 1:  # new token t sees cached tokens 0..length+t
+            q_pos = torch.arange(self.length, end, device=buf.device)
+            mask = torch.arange(end, device=buf.device)[None, :] <= q_pos[:, None]  # (T, S)
+        return attn.attend_absorbed(q_nope, q_pe, buf[:, :end].to(q_nope.dtype), mask)
 
 
 class Block(nn.Module):
@@ -35,9 +46,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv_cache: torch.Tensor | None, start: int, routing_out: list[Routing] | None = None
+                cache: AttentionCache | None, layer: int, routing_out: list[Routing] | None = None
                 ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, routing_out=routing_out) if isinstance(self.ffn, MoE) else self.ffn(h))
 
@@ -67,14 +78,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
+        cache: AttentionCache | None = None,
         routing_out: list[Routing] | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in fp32.
 
         positions: (B, T) or (T,); default start..start+T-1 where start is the cache length (or 0).
         attention_mask: (B, T) with 1 for real tokens and 0 for padding (left or right), as in transformers.
-        cache: a LatentCache; the new tokens' latents are appended and attention runs absorbed.
+        cache: a LatentCache (the new tokens' latents are appended and attention runs absorbed) or another
+        AttentionCache, such as the engine's paged cache, which then also needs explicit positions.
         routing_out: if given, each MoE layer appends its Routing (scores, chosen experts, weights) in
         layer order -- what the balance losses and load statistics read.
         """
@@ -89,26 +101,26 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
+        cache: AttentionCache | None = None,
         routing_out: list[Routing] | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states (B, T, H), before lm_head."""
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None:
+        T = input_ids.shape[1]
+        if isinstance(cache, LatentCache):
             if attention_mask is not None:
                 raise ValueError("LatentCache holds equal-length sequences; attention_mask is not supported with it")
-            if start + T > cache.max_len:
-                raise ValueError(f"cache holds {cache.max_len} tokens; {start} cached + {T} new do not fit")
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"cache holds {cache.max_len} tokens; {cache.length} cached + {T} new do not fit")
         if positions is None:
+            start = cache.length if isinstance(cache, LatentCache) else 0
             positions = torch.arange(start, start + T, device=input_ids.device)
         cos, sin = self.rotary(positions)
         mask = padding_mask(attention_mask) if attention_mask is not None else None
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start, routing_out)
-        if cache is not None:
-            cache.length = start + T
+            x = layer(x, cos, sin, mask, cache, i, routing_out)
+        if isinstance(cache, LatentCache):
+            cache.length += T
         return self.norm(x)
 
 

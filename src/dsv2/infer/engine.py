@@ -1,0 +1,320 @@
+"""LLM: requests in, text out. `step()` is four calls: schedule, run the model, sample, update.
+
+    llm = LLM("path/to/checkpoint")
+    outputs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=32, temperature=0))
+
+The incremental API (`add_request`, `step`, `abort`) is what a server streams from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv2.checkpoint import load
+from dsv2.config import ModelConfig
+from dsv2.infer.blocks import BlockAllocator
+from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
+from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
+from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, sample
+from dsv2.infer.scheduler import Scheduler
+from dsv2.infer.scheduler import Sequence as SchedSeq
+from dsv2.model import Transformer
+from dsv2.tokenizer import StreamDecoder, Tokenizer
+
+Prompt = str | Sequence[int]
+Message = Mapping[str, Any]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length" or "abort"; None while generating
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[_SeqState] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _SeqState:
+    seq: SchedSeq
+    request: _Request
+    out: CompletionOutput
+    generator: torch.Generator | None
+    decoder: StreamDecoder | None
+    full_text: str = ""  # detokenized so far, before any stop-string trimming or hold-back
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | os.PathLike | Transformer,
+        tokenizer: Tokenizer | str | os.PathLike | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        max_cache_tokens: int | None = None,
+        cache_memory_fraction: float = 0.2,
+        cache_dtype: torch.dtype | str | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        prefix_caching: bool = True,
+        gemv_layout: bool | None = None,
+    ) -> None:
+        """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too) or a built model.
+        dtype: weights and activations (default: the checkpoint's torch_dtype). cache_dtype: the model
+        dtype (default) or "fp8" (e4m3 with per-token scales). The cache holds max_cache_tokens tokens, or
+        as many as cache_memory_fraction of the free memory allows. gemv_layout: store weights column-major
+        for faster one-row products on CPU (default: on for CPU when the engine loads the checkpoint itself;
+        a model passed in is never re-laid-out unless asked)."""
+        self.device = torch.device(device)
+        if isinstance(model, Transformer):
+            self.model = model.eval()
+        else:
+            path = Path(model)
+            dtype = _dtype(dtype) if dtype is not None else None
+            self.model = load(path, dtype=dtype or _dtype(_checkpoint_dtype(path)), device=self.device)
+            if tokenizer is None and (path / "tokenizer.json").is_file():
+                tokenizer = path
+        if gemv_layout or (gemv_layout is None and self.device.type == "cpu" and not isinstance(model, Transformer)):
+            transpose_weights_for_gemv_(self.model)
+        self.cfg = self.model.cfg
+        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)
+        self.dtype = next(self.model.parameters()).dtype
+        cache_dtype = FP8 if cache_dtype in ("fp8", "fp8_e4m3", FP8) else _dtype(cache_dtype or self.dtype)
+        self.cache_bytes_per_token = PagedLatentCache.bytes_per_token(self.cfg, cache_dtype)
+        self.max_model_len = self.cfg.max_position_embeddings
+        if max_cache_tokens is None:
+            budget = int(cache_memory_fraction * available_memory(self.device)) // self.cache_bytes_per_token
+            max_cache_tokens = min(budget, max_num_seqs * self.max_model_len)
+        if max_cache_tokens < block_size:
+            raise ValueError(f"max_cache_tokens={max_cache_tokens} is less than one block of {block_size} tokens")
+        num_blocks = math.ceil(max_cache_tokens / block_size)
+        self.cache = PagedLatentCache(self.cfg, num_blocks, block_size, cache_dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache)
+        self.eos_ids = {i for i in (self.cfg.eos_token_id, getattr(self.tokenizer, "eos_id", None)) if i is not None}
+        self._requests: dict[str, _Request] = {}
+        self._states: dict[int, _SeqState] = {}  # by scheduler sequence id, while generating
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._rng = random.Random()
+
+    # ---------------------------------------------------------------- incremental API
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+                    ) -> str:
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._request_ids))
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.max_model_len}")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {self.cfg.vocab_size}): {bad[:5]}")
+        request = _Request(request_id, text, ids, params)
+        for index in range(params.n):
+            seq = SchedSeq(next(self._seq_ids), list(ids), len(ids))
+            self.scheduler.add(seq)
+            decoder = StreamDecoder(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
+            out = CompletionOutput(index, "", [], logprobs=[] if params.logprobs is not None else None)
+            state = _SeqState(seq, request, out, self._generator(params, index), decoder)
+            request.seqs.append(state)
+            self._states[seq.seq_id] = state
+        self._requests[request_id] = request
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its cache blocks; returns its final output (None if unknown)."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        for state in request.seqs:
+            if state.out.finish_reason is None:
+                self.scheduler.finish(state.seq)
+                del self._states[state.seq.seq_id]
+                state.out.finish_reason = "abort"
+        return self._output(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that produced tokens, with everything they have so far."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.run(batch)
+        self.scheduler.update(batch)
+        sampled = [self._states[item.seq.seq_id] for item in batch if item.samples]
+        rows = [SamplerInput(s.request.params, s.generator, s.request.prompt_ids, s.out.token_ids) for s in sampled]
+        tokens, logprobs = sample(logits, rows)
+        touched: dict[str, _Request] = {}
+        for state, token, logprob in zip(sampled, tokens, logprobs):
+            self._append(state, token, logprob)
+            touched[state.request.request_id] = state.request
+        outputs = [self._output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                del self._requests[out.request_id]
+        return outputs
+
+    # ---------------------------------------------------------------- batch API
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
+                 = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion, batched continuously; outputs in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        return self._run_to_completion(ids, use_tqdm)
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False
+             ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or a batch of them, rendered with the
+        tokenizer's chat template and answered as the assistant."""
+        tokenizer = self._require_tokenizer()
+        batch = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        prompts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=True) for m in batch]
+        return self.generate(prompts, params, use_tqdm)
+
+    def _run_to_completion(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), disable=not use_tqdm, desc="generating") as bar:
+            while len(done) < len(request_ids):
+                for out in self.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in request_ids]
+
+    # ---------------------------------------------------------------- introspection
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "cache_blocks_total": self.allocator.num_blocks,
+            "cache_blocks_used": self.allocator.num_blocks - self.allocator.num_free,
+            "prefix_cache_hit_blocks": self.allocator.hits,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+    # ---------------------------------------------------------------- internals
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self._require_tokenizer().encode(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("a prompt is a string or a list of integer token ids")
+        return None, list(prompt)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): pass token ids, "
+                             "or LLM(..., tokenizer=PATH)")
+        return self.tokenizer
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        # n > 1 completions of one seeded request need distinct, still reproducible streams.
+        seed = self._rng.getrandbits(63) if params.seed is None else hash((params.seed, index)) & (2**63 - 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _append(self, state: _SeqState, token: int, logprob: TokenLogprob | None) -> None:
+        seq, out, params = state.seq, state.out, state.request.params
+        seq.token_ids.append(token)
+        out.token_ids.append(token)
+        if logprob is not None:
+            out.logprobs.append(logprob)
+        before = len(state.full_text)
+        if state.decoder is not None:
+            state.full_text += state.decoder.push(token)
+        reason: tuple[str, str | int | None] | None = None
+        if token in self.eos_ids and not params.ignore_eos:
+            reason = ("stop", None)
+        elif token in params.stop_token_ids:
+            reason = ("stop", token)
+        elif params.stop and (hit := _find_stop(state.full_text, params.stop, before)) is not None:
+            state.full_text = state.full_text[: hit[0]]  # the stop string and anything after it are dropped
+            reason = ("stop", hit[1])
+        elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = ("length", None)
+        if reason is not None:
+            if state.decoder is not None and not isinstance(reason[1], str):
+                state.full_text += state.decoder.flush()
+            out.finish_reason, out.stop_reason = reason
+            self.scheduler.finish(seq)
+            del self._states[seq.seq_id]
+        out.text = state.full_text if out.finish_reason else _hold_back(state.full_text, params.stop)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, [s.out for s in request.seqs])
+
+
+def _find_stop(text: str, stops: Iterable[str], new_from: int) -> tuple[int, str] | None:
+    """Earliest stop string ending in the text added since `new_from` (earlier text was already checked)."""
+    hits = [(i, s) for s in stops if (i := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> str:
+    """Hide a tail that could be the start of a stop string, so a stream never shows text it must retract."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return text[: len(text) - hold]
+
+
+def _dtype(value: torch.dtype | str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    name = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "auto": "bfloat16"}.get(value, value)
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r}")
+    return dtype
+
+
+def _checkpoint_dtype(path: Path) -> str:
+    return ModelConfig.from_hf(path / "config.json").torch_dtype or "bfloat16"

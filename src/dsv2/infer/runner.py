@@ -1,0 +1,127 @@
+"""Scheduled batch -> tensors -> model -> logits: the engine's only hot loop.
+
+All scheduled tokens run as one flat sequence of N tokens through the projections and experts. Attention
+splits them: single-token rows (decodes) attend through the absorbed weights straight over their latents,
+gathered from the paged cache by block table; multi-token chunks (prefills) decompress keys and values of
+their cached prefix plus the new tokens and attend causally. Only the rows that sample get logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv2.infer.cache import PagedLatentCache
+from dsv2.infer.scheduler import Scheduled
+from dsv2.model import Transformer
+from dsv2.model.mla import MLA
+from dsv2.model.moe import Experts
+
+
+@dataclass
+class _Group:
+    """Sequences attending the same way: their rows in the flat batch and where their latents live."""
+
+    block_tables: torch.Tensor  # (B, max_blocks)
+    ctx_lens: torch.Tensor  # (B,) tokens visible to the last query (cached prefix + new)
+    q_index: torch.Tensor  # (B, Tq) rows of the flat batch, padded with row 0
+    q_valid: torch.Tensor  # (B, Tq) bool
+    q_pos: torch.Tensor  # (B, Tq) positions of the queries
+
+
+class PagedAttention:
+    """The AttentionCache the model sees during an engine step."""
+
+    def __init__(self, cache: PagedLatentCache, slots: torch.Tensor, decode: _Group | None,
+                 prefill: _Group | None, num_decode: int) -> None:
+        self.cache, self.slots = cache, slots
+        self.decode, self.prefill, self.num_decode = decode, prefill, num_decode
+
+    def attend(self, layer: int, attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+               k_pe: torch.Tensor) -> torch.Tensor:
+        # (1, N, ...) in; every token's latent is written before anyone reads, so chunks see themselves.
+        self.cache.write(layer, self.slots, torch.cat([c_kv[0], k_pe[0]], dim=-1))
+        q_nope, q_pe = q_nope[0], q_pe[0]  # (N, nh, d)
+        out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)
+        d = self.num_decode
+        if self.decode is not None:
+            g = self.decode
+            latent = self.cache.gather(layer, g.block_tables, q_nope.dtype)  # (B, S, W)
+            visible = torch.arange(latent.shape[1], device=latent.device) < g.ctx_lens[:, None]  # (B, S)
+            out[:d] = attn.attend_absorbed(q_nope[:d, None], q_pe[:d, None], latent, visible[:, None, None, :])[:, 0]
+        if self.prefill is not None:
+            g = self.prefill
+            latent = self.cache.gather(layer, g.block_tables, q_nope.dtype)
+            key_pos = torch.arange(latent.shape[1], device=latent.device)
+            mask = (key_pos[None, None, :] <= g.q_pos[:, :, None]) & (key_pos[None, None, :] < g.ctx_lens[:, None, None])
+            o = attn.attend_naive(q_nope[g.q_index], q_pe[g.q_index], latent[..., : attn.kv_rank],
+                                  latent[..., attn.kv_rank :], mask[:, None])  # (B, Tq, nh, dv)
+            out[g.q_index[g.q_valid]] = o[g.q_valid]
+        return out[None]
+
+
+def transpose_weights_for_gemv_(model: Transformer) -> None:
+    """Store every projection (out, in) matrix column-major, keeping its logical shape.
+
+    F.linear computes x @ W.T; with W column-major, W.T is a plain row-major (in, out) matrix, and on CPU
+    BLAS's one-row product (decode) streams that layout much faster than the transposed one -- the
+    difference is measured in benchmarks/generate.py. Values, shapes and state_dict are unchanged.
+    kv_b_proj stays as is: the absorbed attention views it per head.
+    """
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("wkv_b"):
+                module.weight.data = module.weight.data.t().contiguous().t()
+            elif isinstance(module, Experts):
+                module.w13.data = module.w13.data.transpose(1, 2).contiguous().transpose(1, 2)
+                module.w2.data = module.w2.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedLatentCache) -> None:
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, batch: list[Scheduled]) -> torch.Tensor:
+        """Compute the scheduled tokens; fp32 logits (n_sampling, V) for the items with `samples`, in order."""
+        decodes = [s for s in batch if s.num_tokens == 1]
+        prefills = [s for s in batch if s.num_tokens > 1]
+        order = decodes + prefills
+        ids, pos, slots = [], [], []
+        for s in order:
+            p = range(s.start, s.start + s.num_tokens)
+            ids += s.seq.token_ids[s.start:s.start + s.num_tokens]
+            pos += p
+            bs = self.cache.block_size
+            slots += [s.seq.blocks[i // bs] * bs + i % bs for i in p]
+        dev = self.device
+        backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._group(decodes, 0),
+                                 self._group(prefills, len(decodes)), len(decodes))
+        hidden = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev),
+                                          cache=backend)[0]  # (N, H)
+        last_row, row = {}, 0
+        for s in order:
+            row += s.num_tokens
+            last_row[id(s)] = row - 1
+        rows = [last_row[id(s)] for s in batch if s.samples]  # logits in the caller's batch order
+        return self.model.logits(hidden[torch.tensor(rows, device=dev, dtype=torch.long)])
+
+    def _group(self, items: list[Scheduled], first_row: int) -> _Group | None:
+        if not items:
+            return None
+        dev = self.device
+        max_blocks = max(len(s.seq.blocks) for s in items)
+        tables = torch.tensor([s.seq.blocks + [0] * (max_blocks - len(s.seq.blocks)) for s in items], device=dev)
+        ctx = torch.tensor([s.start + s.num_tokens for s in items], device=dev)
+        tq = max(s.num_tokens for s in items)
+        q_index, q_valid, q_pos, row = [], [], [], first_row
+        for s in items:
+            n = s.num_tokens
+            q_index.append(list(range(row, row + n)) + [0] * (tq - n))
+            q_valid.append([True] * n + [False] * (tq - n))
+            q_pos.append(list(range(s.start, s.start + n)) + [0] * (tq - n))
+            row += n
+        return _Group(tables, ctx, torch.tensor(q_index, device=dev), torch.tensor(q_valid, device=dev),
+                      torch.tensor(q_pos, device=dev))

@@ -1,0 +1,3 @@
+from dsv2.serve.app import ServerConfig, create_app
+
+__all__ = ["ServerConfig", "create_app"]

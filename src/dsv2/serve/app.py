@@ -1,0 +1,356 @@
+"""The OpenAI-compatible HTTP API: routes, streaming, auth, limits, metrics.
+
+Every client mistake becomes a 4xx with OpenAI's error JSON ({"error": {"message", "type", "param",
+"code"}}); a 5xx means a bug in dsv2 and never carries a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv2.infer import LLM, CompletionOutput, RequestOutput, SamplingParams
+from dsv2.serve.engine_loop import EngineLoop
+from dsv2.serve.metrics import Metrics
+from dsv2.serve.protocol import (ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: list[str]
+    api_key: str | None = None
+    max_concurrent: int = 64  # requests the engine runs at once (its max_num_seqs)
+    max_queue: int = 256  # requests waiting beyond those; more get 429
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
+    engine = EngineLoop(llm)
+    metrics = Metrics(lambda: engine.stats)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="dsv2", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.metrics = engine, metrics
+    _install_error_handlers(app, metrics)
+    _install_body_limit(app, config.max_body_bytes, metrics)
+    auth = _auth_dependency(config.api_key)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models() -> dict[str, Any]:
+        data = [{"id": name, "object": "model", "created": now(), "owned_by": "dsv2"}
+                for name in config.served_model_names]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat(req: ChatCompletionRequest) -> Response:
+        _check_model(req.model, config)
+        tokenizer = _tokenizer(llm)
+        try:
+            prompt = tokenizer.apply_chat_template([m.model_dump() for m in req.messages],
+                                                   add_generation_prompt=True, tokenize=True)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        params = _params(req, llm, len(prompt), req.requested_max_tokens, req.num_logprobs, "messages")
+        job = _Job(engine, metrics, config, new_id("chatcmpl"), [prompt], params, req.model, "chat")
+        return await job.respond(req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(req: CompletionRequest) -> Response:
+        _check_model(req.model, config)
+        prompts = [_tokenizer(llm).encode(p) if isinstance(p, str) else p for p in req.prompts()]
+        if any(not p for p in prompts):
+            raise APIError(400, "prompt is empty", param="prompt")
+        bad = [t for p in prompts for t in p if not 0 <= t < llm.cfg.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids outside the vocabulary [0, {llm.cfg.vocab_size}): {bad[:5]}",
+                           param="prompt")
+        params = _params(req, llm, max(map(len, prompts)), req.max_tokens, req.logprobs, "prompt")
+        job = _Job(engine, metrics, config, new_id("cmpl"), prompts, params, req.model, "text",
+                   echo=req.echo, tokenizer=llm.tokenizer)
+        return await job.respond(req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- a request
+class _Job:
+    """One HTTP request: one or more prompts, each an engine request with n completions."""
+
+    def __init__(self, engine: EngineLoop, metrics: Metrics, config: ServerConfig, response_id: str,
+                 prompts: list[list[int]], params: SamplingParams, model: str, kind: str, echo: bool = False,
+                 tokenizer: Any = None) -> None:  # noqa: ANN401
+        self.engine, self.metrics, self.config = engine, metrics, config
+        self.id, self.prompts, self.params, self.model, self.kind = response_id, prompts, params, model, kind
+        self.echo, self.tokenizer = echo, tokenizer
+        self.created = now()
+        self.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
+
+    async def respond(self, stream: bool, include_usage: bool) -> Response:
+        if self.engine.in_flight + len(self.prompts) > self.config.max_concurrent + self.config.max_queue:
+            raise APIError(429, "the server is busy: too many requests in flight; retry shortly",
+                           type_="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        self.started = time.perf_counter()
+        queues = [self.engine.submit(rid, p, self.params) for rid, p in zip(self.request_ids, self.prompts)]
+        if stream:
+            return StreamingResponse(self._sse(queues, include_usage), media_type="text/event-stream")
+        try:
+            finals = [await self._last(q) for q in queues]
+        finally:
+            self._abort_unfinished()
+        self.metrics.finished(sum(map(len, self.prompts)), sum(len(o.token_ids) for f in finals for o in f.outputs))
+        return JSONResponse(self._full_response(finals))
+
+    async def _last(self, updates: asyncio.Queue) -> RequestOutput:
+        timer = _TokenTimer(self.metrics, self.started)
+        while True:
+            item = await updates.get()
+            if isinstance(item, ValueError):
+                raise APIError(400, str(item), param="prompt" if self.kind == "text" else "messages")
+            timer.observe(item)
+            if item.finished:
+                return item
+
+    def _abort_unfinished(self) -> None:
+        for rid in self.request_ids:
+            self.engine.abort(rid)  # a no-op for finished requests
+
+    async def _sse(self, queues: list[asyncio.Queue], include_usage: bool) -> AsyncIterator[str]:
+        sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, completion) -> (chars, tokens) sent
+        finals: list[RequestOutput] = []
+        done = False
+        try:
+            for p, updates in enumerate(queues):
+                if self.kind == "chat":
+                    for i in range(self.params.n):
+                        yield _event(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}]))
+                timer = _TokenTimer(self.metrics, self.started)
+                while True:
+                    item = await updates.get()
+                    if isinstance(item, ValueError):
+                        done = True
+                        self.metrics.rejected(400)
+                        yield _event(error_body(str(item)))
+                        return
+                    timer.observe(item)
+                    choices = [c for o in item.outputs if (c := self._delta(p, o, sent)) is not None]
+                    if choices:
+                        yield _event(self._chunk(choices))
+                    if item.finished:
+                        finals.append(item)
+                        break
+            self.metrics.finished(sum(map(len, self.prompts)),
+                                  sum(len(o.token_ids) for f in finals for o in f.outputs))
+            if include_usage:
+                yield _event(self._chunk([], usage=self._usage(finals)))
+            done = True
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when the client disconnects and the server cancels this generator
+            self._abort_unfinished()
+            if not done:
+                self.metrics.rejected(499)  # nginx's "client closed request"
+
+    # ---------------------------------------------------------------- shapes
+    def _index(self, prompt: int, completion: int) -> int:
+        return prompt * self.params.n + completion
+
+    def _delta(self, prompt: int, out: CompletionOutput, sent: dict[tuple[int, int], tuple[int, int]]
+               ) -> dict[str, Any] | None:
+        key = (prompt, out.index)
+        first = key not in sent
+        text_from, tok_from = sent.get(key, (0, 0))
+        text = out.text[text_from:]
+        if self.kind == "text" and first and self.echo:
+            text = self.tokenizer.decode(self.prompts[prompt]) + text
+        if not text and out.finish_reason is None:
+            return None
+        new_logprobs = out.logprobs[tok_from:] if out.logprobs is not None else None
+        sent[key] = (len(out.text), len(out.token_ids))
+        choice: dict[str, Any] = {"index": self._index(prompt, out.index), "finish_reason": out.finish_reason,
+                                  "logprobs": self._logprobs(new_logprobs, text_from)}
+        if self.kind == "chat":
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["text"] = text
+        return choice
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            chunk["usage"] = usage
+        return chunk
+
+    def _usage(self, finals: list[RequestOutput]) -> dict[str, int]:
+        totals = [usage(len(f.prompt_token_ids), f.outputs) for f in finals]
+        return {k: sum(t[k] for t in totals) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+    def _full_response(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for p, final in enumerate(finals):
+            for o in final.outputs:
+                choice: dict[str, Any] = {"index": self._index(p, o.index), "finish_reason": o.finish_reason,
+                                          "logprobs": self._logprobs(o.logprobs, 0)}
+                if self.kind == "chat":
+                    choice["message"] = {"role": "assistant", "content": o.text}
+                else:
+                    prefix = self.tokenizer.decode(self.prompts[p]) if self.echo else ""
+                    choice["text"] = prefix + o.text
+                choices.append(choice)
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                "usage": self._usage(finals)}
+
+    def _logprobs(self, entries: list[Any] | None, text_offset: int) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        tok = self.engine.llm.tokenizer
+
+        def piece(token_id: int) -> str:
+            return tok.decode([token_id]) if tok is not None else str(token_id)
+
+        if self.kind == "chat":
+            return {"content": [{"token": piece(e.token_id), "logprob": e.logprob,
+                                 "bytes": list(piece(e.token_id).encode()),
+                                 "top_logprobs": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+                                                  for t, lp in e.top]} for e in entries]}
+        offsets, pos = [], text_offset
+        for e in entries:
+            offsets.append(pos)
+            pos += len(piece(e.token_id))
+        return {"tokens": [piece(e.token_id) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{piece(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+class _TokenTimer:
+    """Time to first token and inter-token latency, per engine request, from its snapshots."""
+
+    def __init__(self, metrics: Metrics, started: float) -> None:
+        self.metrics, self.last, self.tokens = metrics, started, 0
+
+    def observe(self, out: RequestOutput) -> None:
+        tokens = sum(len(o.token_ids) for o in out.outputs)
+        if tokens > self.tokens:
+            t = time.perf_counter()
+            if self.tokens == 0:
+                self.metrics.ttft.observe(t - self.last)
+            else:
+                self.metrics.itl.observe((t - self.last) / (tokens - self.tokens))
+            self.last, self.tokens = t, tokens
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_model(name: str, config: ServerConfig) -> None:
+    if name not in config.served_model_names:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {config.served_model_names}",
+                       param="model", code="model_not_found")
+
+
+def _tokenizer(llm: LLM) -> Any:  # noqa: ANN401
+    if llm.tokenizer is None:
+        raise APIError(400, "the served model has no tokenizer; send token ids to /v1/completions", param="prompt")
+    return llm.tokenizer
+
+
+def _params(req: Any, llm: LLM, prompt_len: int, max_tokens: int | None, logprobs: int | None,  # noqa: ANN401
+            param: str) -> SamplingParams:
+    room = llm.max_model_len - prompt_len
+    if room <= 0:
+        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {llm.max_model_len}",
+                       param=param, code="context_length_exceeded")
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                       f"context of {llm.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+    try:
+        return req.sampling(max_tokens or room, logprobs)
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+
+
+def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           type_="authentication_error", code="invalid_api_key")
+    return check
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        metrics.rejected(e.status)
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        metrics.rejected(400)
+        err = e.errors()[0] if e.errors() else {}
+        if err.get("type") == "json_invalid":
+            return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "invalid request")
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        metrics.rejected(e.status_code)
+        return JSONResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> JSONResponse:
+        metrics.rejected(500)
+        return JSONResponse(error_body("internal server error", type_="server_error"), status_code=500)
+
+
+def _install_body_limit(app: FastAPI, limit: int, metrics: Metrics) -> None:
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next: Callable[..., Any]) -> Response:
+        too_big = JSONResponse(error_body(f"request body exceeds {limit} bytes"), status_code=400)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            metrics.rejected(400)
+            return too_big
+        if length is None and request.method == "POST" and len(await request.body()) > limit:
+            metrics.rejected(400)
+            return too_big
+        return await call_next(request)

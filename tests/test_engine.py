@@ -1,0 +1,230 @@
+"""The inference engine: greedy parity with transformers' generate, batch invariance, preemption, prefix
+caching, fp8 cache, stop handling, and the allocator's invariants under random load."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+from dsv2 import ModelConfig, Transformer, save
+from dsv2.infer import LLM, SamplingParams
+from tests.conftest import randomize_, small_config
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+CFG = small_config(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return randomize_(Transformer(CFG), seed=21).eval()
+
+
+def _prompts(n: int, seed: int, lo: int = 1, hi: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(2, CFG.vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _tokens(outputs) -> list[list[int]]:  # noqa: ANN001
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_matches_transformers_generate(tmp_path: Path) -> None:
+    """8 prompts of different lengths submitted together, 64 new tokens each, fp32."""
+    cfg = small_config(q_lora_rank=None, eos_token_id=None, bos_token_id=None)
+    ref = randomize_(DeepseekV2ForCausalLM(DeepseekV2Config(**cfg.to_hf())), seed=8).eval()
+    ref.save_pretrained(tmp_path)
+    llm = LLM(tmp_path, dtype=torch.float32, max_cache_tokens=2048)
+    prompts = [p for p in _prompts(8, seed=3, hi=60)]
+    ours = _tokens(llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0)))
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, pad_token_id=0)
+        assert got == out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_naive_forward_and_is_batch_invariant(model: Transformer) -> None:
+    prompts = _prompts(16, seed=1)
+    together = _tokens(LLM(model, max_cache_tokens=4096).generate(prompts, GREEDY))
+    for i in (0, 7, 15):
+        alone = _tokens(LLM(model, max_cache_tokens=4096).generate([prompts[i]], GREEDY))[0]
+        assert alone == together[i]
+    ids = list(prompts[3])
+    with torch.no_grad():
+        for _ in range(GREEDY.max_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert together[3] == ids[len(prompts[3]):]
+
+
+def test_seeded_sampling_is_batch_invariant(model: Transformer) -> None:
+    prompts = _prompts(12, seed=2)
+    params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=100 + i) for i in range(12)]
+    together = _tokens(LLM(model, max_cache_tokens=4096).generate(prompts, params))
+    alone = _tokens(LLM(model, max_cache_tokens=4096).generate([prompts[5]], params[5]))[0]
+    assert alone == together[5]
+    again = _tokens(LLM(model, max_cache_tokens=4096).generate(prompts[:6], params[:6]))
+    assert again == together[:6]
+    assert len({tuple(t) for t in together}) > 1
+    unseeded = _tokens(LLM(model).generate([prompts[0]] * 4, SamplingParams(max_tokens=16, temperature=1.0)))
+    assert len({tuple(t) for t in unseeded}) > 1  # independent draws without a seed
+
+
+def test_preemption_does_not_change_greedy_outputs(model: Transformer) -> None:
+    prompts = _prompts(10, seed=4, lo=20, hi=40)
+    roomy = _tokens(LLM(model, max_cache_tokens=4096).generate(prompts, GREEDY))
+    tight = LLM(model, max_cache_tokens=160, block_size=16)  # 10 blocks: two or three sequences at a time
+    assert _tokens(tight.generate(prompts, GREEDY)) == roomy
+    assert tight.stats()["preemptions"] > 0
+    assert tight.stats()["cache_blocks_used"] == 0
+
+
+def test_chunked_prefill_does_not_change_outputs(model: Transformer) -> None:
+    prompts = _prompts(6, seed=5, lo=30, hi=70)
+    whole = _tokens(LLM(model, max_cache_tokens=4096).generate(prompts, GREEDY))
+    chunked = _tokens(LLM(model, max_cache_tokens=4096, max_num_batched_tokens=24).generate(prompts, GREEDY))
+    assert chunked == whole
+
+
+def test_prefix_cache_hits_do_not_change_outputs(model: Transformer) -> None:
+    shared = _prompts(1, seed=6, lo=50, hi=50)[0]
+    prompts = [shared + tail for tail in _prompts(5, seed=7, lo=1, hi=10)]
+    cold = _tokens(LLM(model, max_cache_tokens=4096, prefix_caching=False).generate(prompts, GREEDY))
+    llm = LLM(model, max_cache_tokens=4096)
+    first = _tokens(llm.generate(prompts[:1], GREEDY))
+    rest = _tokens(llm.generate(prompts[1:], GREEDY))
+    assert first + rest == cold
+    assert llm.stats()["prefix_cache_hit_blocks"] >= 4 * (50 // 16)
+    assert _tokens(llm.generate(prompts, GREEDY)) == cold  # fully warm, including the identical first prompt
+
+
+def test_fp8_cache_agrees_with_model_dtype_cache(model: Transformer) -> None:
+    """Teacher-forced: along greedy continuations made with a bf16 cache, the fp8 cache picks the same next
+    token at most positions. (Free-running comparisons drift apart after the first difference, and a random
+    model amplifies differences far more than a trained one.)"""
+    m16 = randomize_(Transformer(CFG), seed=21).eval().to(torch.bfloat16)
+    prompts = _prompts(6, seed=9)
+    bf16 = LLM(m16, max_cache_tokens=4096)
+    conts = _tokens(bf16.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)))
+    fp8 = LLM(m16, max_cache_tokens=8192, cache_dtype="fp8")
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    hits = total = 0
+    for prompt, cont in zip(prompts, conts):
+        seq = prompt + cont
+        prefixes = [seq[:k] for k in range(len(prompt), len(seq))]
+        picks = [t[0] for t in _tokens(fp8.generate(prefixes, one))]
+        hits += sum(a == b for a, b in zip(picks, cont))
+        total += len(cont)
+    assert hits / total >= 0.85, hits / total
+    assert fp8.cache_bytes_per_token == CFG.num_hidden_layers * ((32 + 8) * 1 + 8)  # values + two fp32 scales
+    assert bf16.cache_bytes_per_token == CFG.kv_cache_bytes_per_token(torch.bfloat16)
+
+
+def test_n_logprobs_and_finish_reasons(model: Transformer) -> None:
+    llm = LLM(model, max_cache_tokens=4096)
+    [out] = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0.8, seed=1, n=3, logprobs=2))
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    for o in out.outputs:
+        assert len(o.logprobs) == len(o.token_ids) and o.finish_reason in ("length", "stop")
+        for lp in o.logprobs:
+            assert len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] and lp.logprob <= 0
+    [greedy] = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, logprobs=1, ignore_eos=True))
+    lp = greedy.outputs[0].logprobs
+    assert all(t.token_id == t.top[0][0] for t in lp)  # greedy picks the most likely token
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([[5, 6, 7]]))[0, -1], -1)
+    assert abs(lp[0].logprob - ref.max().item()) < 1e-4
+    stop_tok = greedy.outputs[0].token_ids[2]
+    [stopped] = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[stop_tok]))
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == stop_tok
+    assert stopped.outputs[0].token_ids[-1] == stop_tok
+
+
+def test_abort_frees_blocks_at_once(model: Transformer) -> None:
+    llm = LLM(model, max_cache_tokens=1024)
+    rid = llm.add_request(list(range(2, 60)), SamplingParams(max_tokens=100, temperature=0))
+    llm.step()
+    assert llm.stats()["cache_blocks_used"] > 0
+    out = llm.abort(rid)
+    assert out.outputs[0].finish_reason == "abort" and llm.stats()["cache_blocks_used"] == 0
+    assert not llm.has_unfinished() and llm.abort(rid) is None
+
+
+def test_random_requests_with_aborts_leave_every_block_free(model: Transformer) -> None:
+    """1,000 requests of random sizes arriving over time, 30% of steps abort one, a cache small enough to
+    preempt: the allocator's invariants hold after every step and everything is free at the end."""
+    rng = random.Random(0)
+    llm = LLM(model, max_cache_tokens=480, block_size=8, max_num_seqs=16, max_num_batched_tokens=96)
+    live: list[str] = []
+    submitted = 0
+    while submitted < 1000 or llm.has_unfinished():
+        for _ in range(rng.randint(0, 4)):
+            if submitted < 1000:
+                prompt = [rng.randrange(2, CFG.vocab_size) for _ in range(rng.randint(1, 30))]
+                live.append(llm.add_request(prompt, SamplingParams(max_tokens=rng.randint(1, 12), temperature=1.0,
+                                                                   n=rng.choice([1, 1, 2]))))
+                submitted += 1
+        if live and rng.random() < 0.3:
+            llm.abort(live.pop(rng.randrange(len(live))))
+        for out in llm.step():
+            if out.finished and out.request_id in live:
+                live.remove(out.request_id)
+        llm.allocator.check_invariants()
+    assert llm.stats()["cache_blocks_used"] == 0
+    assert all(c == 0 for c in llm.allocator.ref_counts)
+
+
+def test_request_errors(model: Transformer) -> None:
+    llm = LLM(model, max_cache_tokens=256)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("hello")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.add_request([])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.add_request([1, CFG.vocab_size])
+    with pytest.raises(ValueError, match="cannot fit in a cache of 256 tokens"):
+        llm.add_request(list(range(2, 300)))
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        llm.add_request([2] * CFG.max_position_embeddings)
+    with pytest.raises(ValueError, match="3 prompts but 2 SamplingParams"):
+        llm.generate([[2], [3], [4]], [GREEDY, GREEDY])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
+     ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 2.0}, "min_p"),
+     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 3.0}, "presence_penalty"),
+     ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"stop": [""]}, "stop"), ({"n": 0}, "n"),
+     ({"logprobs": 21}, "logprobs"), ({"seed": 1.5}, "seed"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+     ({"max_tokens": True}, "max_tokens")],
+)
+def test_sampling_params_validation(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"SamplingParams.{name} must be"):
+        SamplingParams(**kwargs)
+
+
+def test_checkpoint_directory_round_trip(model: Transformer, tmp_path: Path) -> None:
+    save(model, tmp_path)
+    llm = LLM(tmp_path, dtype="float32", max_cache_tokens=512)
+    assert _tokens(llm.generate([[4, 5, 6]], GREEDY)) == _tokens(LLM(model, max_cache_tokens=512).generate([[4, 5, 6]],
+                                                                                                            GREEDY))
+    assert llm.cache_bytes_per_token == ModelConfig.kv_cache_bytes_per_token(CFG, torch.float32)
+
+
+def test_gemv_layout_changes_storage_not_values() -> None:
+    from dsv2.infer.runner import transpose_weights_for_gemv_
+
+    model = randomize_(Transformer(CFG), seed=3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, CFG.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = model(ids)
+        transpose_weights_for_gemv_(model)
+        got = model(ids)
+    assert not model.layers[0].attn.wo.weight.is_contiguous()
+    assert model.layers[0].attn.wo.weight.t().is_contiguous()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert (got - ref).abs().max().item() < 1e-5

@@ -6,8 +6,11 @@ import argparse
 import sys
 
 from dsv2 import tokenizer
+from dsv2.eval import commands as eval_commands
 from dsv2.infer import commands as infer_commands
 from dsv2.serve import commands as serve_commands
+from dsv2.train import commands as train_commands
+from dsv2.train import grpo, sft
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer_commands.add_commands(sub)
     serve_commands.add_commands(sub)
     tokenizer.add_commands(sub)
+    train_commands.add_commands(sub)
+    sft.add_commands(sub)
+    grpo.add_commands(sub)
+    eval_commands.add_commands(sub)
     return parser
 
 

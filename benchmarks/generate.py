@@ -29,14 +29,16 @@ from dsv2.infer import LLM, SamplingParams
 BENCH_CFG = CFG.replace(bos_token_id=None, eos_token_id=None)
 
 
-def median_time(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up
-    times = []
+def paired_medians(ours: Callable[[], object], theirs: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Median seconds of each, runs interleaved so that drift in machine load hits both alike."""
+    ours(), theirs()  # warm-up
+    a, b = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, times in ((ours, a), (theirs, b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
 
 
 def hf_generate(model: DeepseekV2ForCausalLM, prompts: list[list[int]], new: int) -> torch.Tensor:
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--no-gemv-layout", action="store_true", help="keep row-major weights (for comparison)")
+    ap.add_argument("--cases", default="batch1,serial,padded", help="comma-separated subset to run")
     args = ap.parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -69,25 +73,31 @@ def main() -> None:
         model = Transformer(BENCH_CFG)
         save(model, d)
         ref = DeepseekV2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        llm = LLM(d, dtype=torch.float32, max_cache_tokens=args.requests * (256 + new + 16), max_num_seqs=64)
+        llm = LLM(d, dtype=torch.float32, max_cache_tokens=args.requests * (256 + new + 16), max_num_seqs=64,
+                  gemv_layout=not args.no_gemv_layout)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     one = [rng.randrange(BENCH_CFG.vocab_size) for _ in range(16)]
     prompts = [[rng.randrange(BENCH_CFG.vocab_size) for _ in range(rng.randint(8, 256))] for _ in range(args.requests)]
     total = new * len(prompts)
     print(f"# {BENCH_CFG.num_params() / 1e6:.1f}M params, fp32, {torch.get_num_threads()} threads, "
-          f"{new} new tokens per request, medians of {args.reps}")
+          f"{new} new tokens per request, medians of {args.reps}, gemv layout {not args.no_gemv_layout}")
     print("| case | dsv2 tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")
-    ours = median_time(lambda: llm.generate([one], params), args.reps)
-    theirs = median_time(lambda: hf_generate(ref, [one], new), args.reps)
-    print(f"| batch-1 decode | {new / ours:,.1f} | {new / theirs:,.1f} | {theirs / ours:.2f}x |", flush=True)
-    ours = median_time(lambda: llm.generate(prompts, params), args.reps)
-    theirs = median_time(lambda: [hf_generate(ref, [p], new) for p in prompts], 1)
-    print(f"| {len(prompts)} requests vs one at a time | {total / ours:,.1f} | {total / theirs:,.1f} | "
-          f"{theirs / ours:.2f}x |", flush=True)
-    theirs = median_time(lambda: hf_generate(ref, prompts, new), args.reps)
-    print(f"| {len(prompts)} requests vs padded batch | {total / ours:,.1f} | {total / theirs:,.1f} | "
-          f"{theirs / ours:.2f}x |", flush=True)
+    cases = args.cases.split(",")
+    if "batch1" in cases:
+        ours, theirs = paired_medians(lambda: llm.generate([one], params), lambda: hf_generate(ref, [one], new),
+                                      args.reps)
+        print(f"| batch-1 decode | {new / ours:,.1f} | {new / theirs:,.1f} | {theirs / ours:.2f}x |", flush=True)
+    if "serial" in cases:
+        ours, theirs = paired_medians(lambda: llm.generate(prompts, params),
+                                      lambda: [hf_generate(ref, [p], new) for p in prompts], max(1, args.reps // 3))
+        print(f"| {len(prompts)} requests vs one at a time | {total / ours:,.1f} | {total / theirs:,.1f} | "
+              f"{theirs / ours:.2f}x |", flush=True)
+    if "padded" in cases:
+        ours, theirs = paired_medians(lambda: llm.generate(prompts, params), lambda: hf_generate(ref, prompts, new),
+                                      args.reps)
+        print(f"| {len(prompts)} requests vs padded batch | {total / ours:,.1f} | {total / theirs:,.1f} | "
+              f"{theirs / ours:.2f}x |", flush=True)
     hf_bytes = hf_cache_bytes_per_token(ref, prompts[0])
     print(f"\n| cache bytes per token | dsv2 {llm.cache_bytes_per_token:,} | transformers {hf_bytes:,.0f} | "
           f"{hf_bytes / llm.cache_bytes_per_token:.1f}x smaller |")

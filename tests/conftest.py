@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -42,3 +44,14 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.15) -> torch.nn
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run faster on one intra-op thread than on two (no fork/join per op), and a second
+    thread stalls badly when the other core is busy (a server subprocess in the same test, or a shared
+    machine): seen as 100x slower forwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

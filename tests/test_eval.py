@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,15 +19,6 @@ from dsv2.eval.tasks import arithmetic_accuracy, check_completion, humaneval_pro
 from dsv2.train.tasks import problems
 from tests.conftest import randomize_, small_config
 from tests.test_sft import arith_tokenizer, save_with_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """See tests/test_sft.py: one thread is far faster for tiny models on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

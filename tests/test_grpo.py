@@ -4,7 +4,6 @@ weight push into the engine, a toy reward that a few steps learn, and `dsv2 grpo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ from tests.test_sft import arith_tokenizer, save_with_tokenizer
 CFG = small_config(vocab_size=64)
 TOY_CFG = small_config(vocab_size=16)  # a small vocabulary: the rewarded token comes up in most groups
 TARGET = 7
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """See tests/test_sft.py: one thread is far faster for tiny models on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(seed: int = 0) -> Transformer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,16 +46,6 @@ def save_with_tokenizer(model: Transformer, tokenizer_dir: Path, out: Path) -> P
 
 def tiny_model(seed: int = 0) -> Transformer:
     return randomize_(Transformer(small_config(vocab_size=320)), seed=seed, std=0.05)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny-model ops are too small to split: with other jobs on the 2 cores, two OpenMP threads spin-wait and run
-    ~100x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

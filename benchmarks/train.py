@@ -1,0 +1,104 @@
+"""Training throughput: a dsv2 training step vs transformers' DeepseekV2ForCausalLM on the same weights and batch.
+
+One step = forward, next-token cross-entropy, backward, AdamW (0.9, 0.95, wd 0.1) update, fp32. Neither side
+adds balance losses or drops tokens (transformers' native class has no DeepSeek aux loss), so both do the
+same arithmetic. Two configurations: the `tiny` preset and the ~100M model of benchmarks/forward.py. Steps
+alternate between the two models so drift in machine load hits both alike; we report median tokens/s and
+the ratio.
+
+    python benchmarks/train.py [--reps 5] [--batch 4] [--seq 256] [--threads N] [--only tiny|100m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+from dsv2 import ModelConfig, load
+from dsv2.train.losses import lm_loss
+from dsv2.train.optim import OptimConfig, build_optimizer
+
+
+
+def _config_100m() -> ModelConfig:
+    """The forward benchmark's ~100M model (imported, not copied, so the two benchmarks stay comparable)."""
+    spec = importlib.util.spec_from_file_location("forward_bench", Path(__file__).with_name("forward.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CFG
+
+
+def step_fn(model: torch.nn.Module, ids: torch.Tensor, ours: bool) -> Callable[[], float]:
+    opt = build_optimizer(model, OptimConfig(lr=1e-4)) if ours else torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step() -> float:
+        if ours:
+            loss = lm_loss(model(inputs), targets)
+        else:
+            logits = model(inputs).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def bench(name: str, cfg: ModelConfig, batch: int, seq: int, reps: int) -> None:
+    torch.manual_seed(0)
+    ref = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg.to_hf())).train()
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = load(d, dtype=torch.float32).train()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    run_ours, run_ref = step_fn(ours, ids, ours=True), step_fn(ref, ids, ours=False)
+    first_ours, first_ref = run_ours(), run_ref()  # warm-up; same weights, so the same first loss
+    assert abs(first_ours - first_ref) < 1e-3, (first_ours, first_ref)
+    t_ours, t_ref = [], []
+    for _ in range(reps):
+        for fn, times in ((run_ours, t_ours), (run_ref, t_ref)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    tokens = batch * seq
+    a, b = tokens / statistics.median(t_ours), tokens / statistics.median(t_ref)
+    params = f"{cfg.num_params() / 1e6:.1f}M ({cfg.num_active_params() / 1e6:.1f}M active)"
+    print(f"| {name} | {params} | {batch} x {seq} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", choices=["tiny", "100m"], default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = {"tiny": ModelConfig.preset("tiny"), "100m": _config_100m()}
+    print(f"# training step (fwd + CE + bwd + AdamW), fp32, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, medians of {args.reps}")
+    print("| config | params | batch | dsv2 tok/s | transformers tok/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, cfg in configs.items():
+        if args.only in (None, name):
+            bench(name, cfg, args.batch, args.seq, args.reps)
+
+
+if __name__ == "__main__":
+    main()

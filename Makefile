@@ -20,6 +20,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/forward.py
+	$(PY) benchmarks/load_memory.py
+	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/tokenizer.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

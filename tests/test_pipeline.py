@@ -1,0 +1,38 @@
+"""The whole recipe at minute scale, as `make tiny-model` runs it at full scale: data -> tokenizer + pretrain
+-> SFT -> GRPO -> eval -> serve through the engine. Each stage's output must load in the next."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsv2 import LLM, SamplingParams, load
+from dsv2.cli import main
+from dsv2.train.tasks import main as tasks_main
+
+
+def test_every_stage_feeds_the_next(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    tasks_main([str(data), "--train", "300", "--validation", "20", "--test", "20"])
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny.toml"
+    assert main(["train", "--config", str(recipe), f"--data.paths=[\"{data / 'train-text.jsonl'}\"]",
+                 f"--train.out_dir={runs / 'pre'}", "--train.steps=3", "--train.batch_size=4",
+                 "--train.micro_batch_size=4", "--data.seq_len=64", "--data.tokenizer=bpe:600",
+                 "--train.checkpoint_every=3", "--optim.warmup_steps=1"]) == 0
+    pre = runs / "pre" / "final"
+    assert load(pre).cfg.num_hidden_layers == 4  # the tiny preset, in the HF layout
+    assert main(["sft", "--model", str(pre), "--data", str(data / "train-sft.jsonl"), "--out", str(runs / "sft"),
+                 "--steps", "2", "--batch-size", "4"]) == 0
+    assert main(["grpo", "--model", str(runs / "sft" / "final"), "--data", str(data / "train-grpo.jsonl"),
+                 "--out", str(runs / "grpo"), "--steps", "1", "--group-size", "2", "--prompts-per-step", "2",
+                 "--max-tokens", "8"]) == 0
+    final = runs / "grpo" / "final"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(final), "--arith", "4", "--max-tokens", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["arithmetic"]["n"] == 4 and 0.0 <= report["arithmetic"]["accuracy"] <= 1.0
+    [out] = LLM(final, max_cache_tokens=512).chat([{"role": "user", "content": "What is 2 + 3?"}],
+                                                  SamplingParams(max_tokens=8, temperature=0))
+    assert out.outputs[0].finish_reason in ("stop", "length") and out.outputs[0].token_ids

@@ -56,6 +56,14 @@ def test_load_casts_to_the_requested_dtype(ckpt: Path) -> None:
     model = load(ckpt, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in model.parameters())
+    # without a dtype, config.json's torch_dtype (save wrote float32 for this fp32 model)
+    assert {p.dtype for p in load(ckpt).parameters()} == {torch.float32}
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    assert {p.dtype for p in load(ckpt).parameters()} == {torch.bfloat16}
+    (ckpt / "config.json").write_text(json.dumps({**config, "torch_dtype": "float99"}))
+    with pytest.raises(CheckpointError, match="torch_dtype 'float99' is not a torch dtype"):
+        load(ckpt)
 
 
 def _rewrite(ckpt: Path, edit) -> None:  # noqa: ANN001

@@ -108,12 +108,12 @@ def _target(param: torch.Tensor, entry: Entry, cfg: ModelConfig) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------- load
 def load(
     path: str | os.PathLike,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> Transformer:
     """config.json + model.safetensors (or sharded model-*.safetensors with an index) -> Transformer.
 
-    The model is built on the meta device and materialised once in `dtype` on `device`; tensors are then
+    dtype None means the checkpoint's own `torch_dtype`. The model is built on the meta device and materialised once in `dtype` on `device`; tensors are then
     copied in one at a time from memory-mapped files, so peak memory is about one copy of the weights.
     """
     root = Path(path)
@@ -123,7 +123,10 @@ def load(
     files = _weight_files(root)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    target = dtype or getattr(torch, cfg.torch_dtype, None)
+    if not isinstance(target, torch.dtype):
+        raise CheckpointError(f"{root}: config.json torch_dtype {cfg.torch_dtype!r} is not a torch dtype; pass dtype=")
+    model = model.to(target).to_empty(device=device)
     params = dict(model.named_parameters())
     table = {e.hf_name: e for e in layout(cfg)}
     filled: set[str] = set()

@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load
-from dsv2.config import ModelConfig
 from dsv2.infer.blocks import BlockAllocator
 from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
 from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
@@ -103,8 +102,7 @@ class LLM:
             self.model = model.eval()
         else:
             path = Path(model)
-            dtype = _dtype(dtype) if dtype is not None else None
-            self.model = load(path, dtype=dtype or _dtype(_checkpoint_dtype(path)), device=self.device)
+            self.model = load(path, dtype=_dtype(dtype), device=self.device)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path
         if gemv_layout or (gemv_layout is None and self.device.type == "cpu" and not isinstance(model, Transformer)):
@@ -112,7 +110,7 @@ class LLM:
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)
         self.dtype = next(self.model.parameters()).dtype
-        cache_dtype = FP8 if cache_dtype in ("fp8", "fp8_e4m3", FP8) else _dtype(cache_dtype or self.dtype)
+        cache_dtype = FP8 if cache_dtype in ("fp8", "fp8_e4m3", FP8) else (_dtype(cache_dtype) or self.dtype)
         self.cache_bytes_per_token = PagedLatentCache.bytes_per_token(self.cfg, cache_dtype)
         self.max_model_len = self.cfg.max_position_embeddings
         if max_cache_tokens is None:
@@ -316,15 +314,14 @@ def _hold_back(text: str, stops: Sequence[str]) -> str:
     return text[: len(text) - hold]
 
 
-def _dtype(value: torch.dtype | str) -> torch.dtype:
-    if isinstance(value, torch.dtype):
+def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name; None (or "auto") keeps the checkpoint's own."""
+    if value is None or isinstance(value, torch.dtype):
         return value
-    name = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "auto": "bfloat16"}.get(value, value)
+    if value == "auto":
+        return None
+    name = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(value, value)
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {value!r}")
     return dtype
-
-
-def _checkpoint_dtype(path: Path) -> str:
-    return ModelConfig.from_hf(path / "config.json").torch_dtype or "bfloat16"

@@ -25,9 +25,10 @@ class _Group:
 
     block_tables: torch.Tensor  # (B, max_blocks)
     ctx_lens: torch.Tensor  # (B,) tokens visible to the last query (cached prefix + new)
-    q_index: torch.Tensor  # (B, Tq) rows of the flat batch, padded with row 0
-    q_valid: torch.Tensor  # (B, Tq) bool
-    q_pos: torch.Tensor  # (B, Tq) positions of the queries
+    # Prefill chunks only (a decode's one query is its own row): where the padded queries come from.
+    q_index: torch.Tensor | None = None  # (B, Tq) rows of the flat batch, padded with row 0
+    q_valid: torch.Tensor | None = None  # (B, Tq) bool
+    q_pos: torch.Tensor | None = None  # (B, Tq) positions of the queries
 
 
 class PagedAttention:
@@ -97,8 +98,8 @@ class ModelRunner:
             bs = self.cache.block_size
             slots += [s.seq.blocks[i // bs] * bs + i % bs for i in p]
         dev = self.device
-        backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._group(decodes, 0),
-                                 self._group(prefills, len(decodes)), len(decodes))
+        backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._group(decodes),
+                                 self._group(prefills, first_row=len(decodes)), len(decodes))
         hidden = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev),
                                           cache=backend)[0]  # (N, H)
         last_row, row = {}, 0
@@ -108,13 +109,16 @@ class ModelRunner:
         rows = [last_row[id(s)] for s in batch if s.samples]  # logits in the caller's batch order
         return self.model.logits(hidden[torch.tensor(rows, device=dev, dtype=torch.long)])
 
-    def _group(self, items: list[Scheduled], first_row: int) -> _Group | None:
+    def _group(self, items: list[Scheduled], first_row: int | None = None) -> _Group | None:
+        """Block tables and lengths; with first_row, also the padded query layout of prefill chunks."""
         if not items:
             return None
         dev = self.device
         max_blocks = max(len(s.seq.blocks) for s in items)
         tables = torch.tensor([s.seq.blocks + [0] * (max_blocks - len(s.seq.blocks)) for s in items], device=dev)
-        ctx = torch.tensor([s.start + s.num_tokens for s in items], device=dev)
+        group = _Group(tables, torch.tensor([s.start + s.num_tokens for s in items], device=dev))
+        if first_row is None:
+            return group
         tq = max(s.num_tokens for s in items)
         q_index, q_valid, q_pos, row = [], [], [], first_row
         for s in items:
@@ -123,5 +127,7 @@ class ModelRunner:
             q_valid.append([True] * n + [False] * (tq - n))
             q_pos.append(list(range(s.start, s.start + n)) + [0] * (tq - n))
             row += n
-        return _Group(tables, ctx, torch.tensor(q_index, device=dev), torch.tensor(q_valid, device=dev),
-                      torch.tensor(q_pos, device=dev))
+        group.q_index = torch.tensor(q_index, device=dev)
+        group.q_valid = torch.tensor(q_valid, device=dev)
+        group.q_pos = torch.tensor(q_pos, device=dev)
+        return group

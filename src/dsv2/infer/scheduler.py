@@ -81,10 +81,6 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.FINISHED
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     # ------------------------------------------------------------------ one step
     def schedule(self) -> list[Scheduled]:
         budget = self.max_num_batched_tokens

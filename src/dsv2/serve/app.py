@@ -96,8 +96,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"token ids outside the vocabulary [0, {llm.cfg.vocab_size}): {bad[:5]}",
                            param="prompt")
         params = _params(req, llm, max(map(len, prompts)), req.max_tokens, req.logprobs, "prompt")
-        job = _Job(engine, metrics, config, new_id("cmpl"), prompts, params, req.model, "text",
-                   echo=req.echo, tokenizer=llm.tokenizer)
+        job = _Job(engine, metrics, config, new_id("cmpl"), prompts, params, req.model, "text", echo=req.echo)
         return await job.respond(req.stream, bool(req.stream_options and req.stream_options.include_usage))
 
     return app
@@ -108,11 +107,11 @@ class _Job:
     """One HTTP request: one or more prompts, each an engine request with n completions."""
 
     def __init__(self, engine: EngineLoop, metrics: Metrics, config: ServerConfig, response_id: str,
-                 prompts: list[list[int]], params: SamplingParams, model: str, kind: str, echo: bool = False,
-                 tokenizer: Any = None) -> None:  # noqa: ANN401
+                 prompts: list[list[int]], params: SamplingParams, model: str, kind: str, echo: bool = False
+                 ) -> None:
         self.engine, self.metrics, self.config = engine, metrics, config
         self.id, self.prompts, self.params, self.model, self.kind = response_id, prompts, params, model, kind
-        self.echo, self.tokenizer = echo, tokenizer
+        self.echo, self.tokenizer = echo, engine.llm.tokenizer
         self.created = now()
         self.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
 
@@ -235,7 +234,7 @@ class _Job:
     def _logprobs(self, entries: list[Any] | None, text_offset: int) -> dict[str, Any] | None:
         if entries is None:
             return None
-        tok = self.engine.llm.tokenizer
+        tok = self.tokenizer
 
         def piece(token_id: int) -> str:
             return tok.decode([token_id]) if tok is not None else str(token_id)

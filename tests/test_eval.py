@@ -67,11 +67,14 @@ class FakeLLM:
     """Answers each chat with the next hand-written text; records the sampling parameters it was given."""
 
     def __init__(self, texts: Sequence[str]) -> None:
-        self.texts, self.params = list(texts), None
+        self.texts, self.params, self.prompts = list(texts), None, None
 
     def chat(self, conversations: Sequence[Any], params: Any) -> list[SimpleNamespace]:  # noqa: ANN401
-        self.params = params
-        assert len(conversations) == len(self.texts)
+        return self.generate(conversations, params)
+
+    def generate(self, prompts: Sequence[Any], params: Any) -> list[SimpleNamespace]:  # noqa: ANN401
+        self.params, self.prompts = params, list(prompts)
+        assert len(prompts) == len(self.texts)
         return [SimpleNamespace(outputs=[SimpleNamespace(text=t)]) for t in self.texts]
 
 
@@ -84,6 +87,18 @@ def test_arithmetic_exact_match_on_hand_made_outputs() -> None:
     assert (result["correct"], result["n"], result["accuracy"]) == (2, 4, 0.5)
     assert llm.params.temperature == 0  # greedy
     assert [e["correct"] for e in result["examples"]] == [True, False, False]
+    assert llm.prompts[0] == [{"role": "user", "content": batch[0].question}]
+
+
+def test_arithmetic_text_format_prompts_like_the_pretraining_corpus() -> None:
+    batch = problems("test", 2, seed=0)
+    llm = FakeLLM([batch[0].solution, batch[1].solution])
+    result = arithmetic_accuracy(llm, batch, prompt_format="text")  # type: ignore[arg-type]
+    assert (result["accuracy"], result["format"]) == (1.0, "text")
+    # The question and a newline, as in every {"text": question\nsolution} pretraining document.
+    assert llm.prompts == [f"{p.question}\n" for p in batch] and llm.params.stop == ("\n",)
+    with pytest.raises(ValueError, match="prompt_format"):
+        arithmetic_accuracy(llm, batch, prompt_format="json")  # type: ignore[arg-type]
 
 
 def test_humaneval_scorer_accepts_the_canonical_solution_and_rejects_wrong_ones() -> None:
@@ -100,13 +115,21 @@ def test_eval_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model_dir = save_with_tokenizer(net, tok_dir, tmp_path / "model")
     text = tmp_path / "held_out.txt"
     text.write_text("\n".join(p.solution for p in problems("validation", 5)))
+    docs = tmp_path / "held_out.jsonl"
+    docs.write_text("".join(json.dumps({"text": p.solution}) + "\n" for p in problems("validation", 3)))
     out = tmp_path / "result.json"
-    assert main(["eval", "--model", str(model_dir), "--ppl-text", str(text), "--ppl-window", "64", "--arith", "3",
-                 "--humaneval", "--humaneval-limit", "2", "--max-tokens", "8", "--out", str(out)]) == 0
+    assert main(["eval", "--model", str(model_dir), "--ppl-text", str(text), str(docs), "--ppl-window", "64",
+                 "--arith", "3", "--humaneval", "--humaneval-limit", "2", "--max-tokens", "8", "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads(out.read_text())
-    expected = perplexity(net, Tokenizer.from_dir(tok_dir).encode(text.read_text()), window=64)
-    assert result["perplexity"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
+    tok = Tokenizer.from_dir(tok_dir)
+    expected = perplexity(net, tok.encode(text.read_text()), window=64)
+    assert result["perplexity"][0]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
+    # JSONL documents are scored as the pretraining loader packs them: <bos> doc <eos> <bos> doc <eos> ...
+    packed = [i for p in problems("validation", 3) for i in [tok.bos_id, *tok.encode(p.solution, add_bos=False),
+                                                                tok.eos_id]]
+    expected = perplexity(net, packed, window=64)
+    assert result["perplexity"][1]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
     # A random model answers nothing right, and the numbers are still reported.
     assert (result["arithmetic"]["n"], result["arithmetic"]["accuracy"]) == (3, 0.0)
     assert (result["humaneval"]["n"], result["humaneval"]["pass@1"]) == (2, 0.0)

@@ -125,6 +125,10 @@ def test_stdlib_files_skip_tests_and_site_packages(tmp_path: Path) -> None:
     write_stdlib_corpus(tmp_path / "out" / "corpus.txt", tmp_path, max_bytes=len("class A: ...\nx = 1\n"))
     assert (tmp_path / "out" / "corpus.txt").read_text() == "class A: ...\n\n\nx = 1\n\n\n"
 
+    # The held-out side: exactly the test suites the corpus left out.
+    rel = [p.relative_to(tmp_path).as_posix() for p in stdlib_files(tmp_path, tests=True)]
+    assert rel == ["idlelib/idle_test/b.py", "lib2to3/tests/a.py", "test/test_os.py", "unittest/test/helper.py"]
+
 
 def test_real_stdlib_listing() -> None:
     files = stdlib_files()

@@ -8,16 +8,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dsv2.eval.tasks import ARITH_FORMATS
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, arithmetic exact-match, HumanEval pass@1")
     p.add_argument("--model", required=True, help="checkpoint directory with tokenizer files")
-    p.add_argument("--ppl-text", default=None, metavar="FILE", help="held-out UTF-8 text for perplexity")
+    p.add_argument("--ppl-text", nargs="+", default=[], metavar="FILE",
+                   help="held-out text for perplexity, one result per file: UTF-8 text, or JSONL whose 'text' "
+                        "fields are documents (joined by EOS, as the pretraining loader packs them)")
     p.add_argument("--ppl-window", type=int, default=256, help="tokens per perplexity window")
     p.add_argument("--ppl-stride", type=int, default=None, help="window slide (default: the window, no overlap)")
     p.add_argument("--arith", type=int, default=0, metavar="N", help="N held-out (test split) arithmetic problems")
     p.add_argument("--arith-split", default="test", choices=("validation", "test"))
     p.add_argument("--arith-seed", type=int, default=0)
+    p.add_argument("--arith-format", default="chat", choices=ARITH_FORMATS,
+                   help="chat: a user turn (fine-tuned models); text: plain completion (base models)")
     p.add_argument("--humaneval", action="store_true", help="HumanEval pass@1 (greedy; runs generated code)")
     p.add_argument("--humaneval-limit", type=int, default=None, metavar="K", help="only the first K problems")
     p.add_argument("--max-tokens", type=int, default=256, help="generation limit for the generated tasks")
@@ -37,19 +43,36 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = Path(args.model)
     result: dict[str, Any] = {"model": str(model_dir)}
     if args.ppl_text:
-        tok = Tokenizer.from_dir(model_dir)
-        ids = tok.encode(Path(args.ppl_text).read_text(encoding="utf-8"))
-        ppl = perplexity(load(model_dir, dtype=torch.float32), ids, args.ppl_window, args.ppl_stride)
-        result["perplexity"] = {"perplexity": ppl.perplexity, "mean_nll": ppl.mean_nll, "tokens": ppl.tokens,
-                                "file": args.ppl_text, "window": args.ppl_window}
+        tok, model = Tokenizer.from_dir(model_dir), load(model_dir, dtype=torch.float32)
+        result["perplexity"] = []
+        for path in args.ppl_text:
+            ppl = perplexity(model, heldout_tokens(tok, Path(path)), args.ppl_window, args.ppl_stride)
+            result["perplexity"].append({"file": path, "perplexity": ppl.perplexity, "mean_nll": ppl.mean_nll,
+                                         "tokens": ppl.tokens, "window": args.ppl_window})
     if args.arith or args.humaneval:
         llm = LLM(model_dir, dtype=args.dtype)
         if args.arith:
             batch = problems(args.arith_split, args.arith, args.arith_seed)
-            result["arithmetic"] = arithmetic_accuracy(llm, batch, args.max_tokens) | {"split": args.arith_split}
+            result["arithmetic"] = (arithmetic_accuracy(llm, batch, args.max_tokens, args.arith_format)
+                                    | {"split": args.arith_split})
         if args.humaneval:
             result["humaneval"] = humaneval_pass_at_1(llm, humaneval_problems(args.humaneval_limit), args.max_tokens)
     return result
+
+
+def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
+    """A file's token ids: plain text encoded whole, or a JSONL file's 'text' documents each encoded as the
+    pretraining loader does (BOS per the tokenizer config, EOS after each)."""
+    if path.suffix != ".jsonl":
+        return tokenizer.encode(path.read_text(encoding="utf-8"))
+    from dsv2.train.tasks import read_jsonl
+
+    texts = []
+    for i, record in enumerate(read_jsonl(path)):
+        if not isinstance(record.get("text"), str):
+            raise SystemExit(f"error: {path} line {i + 1} has no string 'text' field")
+        texts.append(record["text"])
+    return [i for doc in tokenizer.encode_batch(texts, add_eos=True) for i in doc]
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -21,13 +21,29 @@ from dsv2.train.tasks import Problem, exact_match
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
-def arithmetic_accuracy(llm: LLM, problems: Sequence[Problem], max_tokens: int = 96) -> dict[str, Any]:
-    """Exact-match accuracy of greedy chat answers: the last "The answer is N" must equal the known answer."""
-    conversations = [[{"role": "user", "content": p.question}] for p in problems]
-    outputs = llm.chat(conversations, SamplingParams(max_tokens=max_tokens, temperature=0))
+ARITH_FORMATS = ("chat", "text")
+
+
+def arithmetic_accuracy(llm: LLM, problems: Sequence[Problem], max_tokens: int = 96,
+                        prompt_format: str = "chat") -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers: the last "The answer is N" must equal the known answer.
+
+    "chat" asks the question as a user turn through the chat template (a fine-tuned model); "text" gives the
+    question and a newline as plain text, the layout of the pretraining corpus (a base model, which has never
+    seen the chat template, is scored the way base models are: by completion)."""
+    if prompt_format == "chat":
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        outputs = llm.chat([[{"role": "user", "content": p.question}] for p in problems], params)
+    elif prompt_format == "text":
+        # The solution is one line; what a base model writes after it belongs to no answer.
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=["\n"])
+        outputs = llm.generate([f"{p.question}\n" for p in problems], params)
+    else:
+        raise ValueError(f"prompt_format must be one of {ARITH_FORMATS}, got {prompt_format!r}")
     texts = [o.outputs[0].text for o in outputs]
     correct = exact_match(texts, [p.answer for p in problems])
     return {"accuracy": sum(correct) / len(problems), "correct": sum(correct), "n": len(problems),
+            "format": prompt_format,
             "examples": [{"question": p.question, "output": t, "answer": p.answer, "correct": c}
                          for p, t, c in list(zip(problems, texts, correct))[:3]]}
 

@@ -206,35 +206,39 @@ def write_arithmetic(out_dir: str | os.PathLike, sizes: Mapping[str, int], seed:
 
 # ------------------------------------------------------------------------------------------ stdlib corpus
 
-# Test suites are a third of the stdlib and mostly boilerplate; site-packages is not the stdlib at all (pyenv
-# and source builds keep it inside the stdlib directory).
-EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+# Test suites are a third of the stdlib and mostly boilerplate, so pretraining leaves them out and they serve as
+# held-out code for perplexity; site-packages is not the stdlib at all (pyenv and source builds keep it inside
+# the stdlib directory).
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+NEVER_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 def stdlib_root() -> Path:
     return Path(os.path.dirname(os.__file__))
 
 
-def stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
-    """The stdlib's .py files outside test directories, sorted by relative path (the same list on every run)."""
+def stdlib_files(root: str | os.PathLike | None = None, tests: bool = False) -> list[Path]:
+    """The stdlib's .py files outside test directories (or, with tests=True, only those inside one), sorted by
+    relative path (the same list on every run)."""
     root = Path(root) if root is not None else stdlib_root()
     found = []
     for directory, subdirs, files in os.walk(root):  # os.walk does not follow directory symlinks
-        subdirs[:] = [d for d in subdirs if d not in EXCLUDED_DIRS]
-        found.extend(Path(directory, f) for f in files if f.endswith(".py"))
+        subdirs[:] = [d for d in subdirs if d not in NEVER_DIRS and (tests or d not in TEST_DIRS)]
+        if not tests or TEST_DIRS & set(Path(directory).relative_to(root).parts):
+            found.extend(Path(directory, f) for f in files if f.endswith(".py"))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def write_stdlib_corpus(out: str | os.PathLike, root: str | os.PathLike | None = None,
-                        max_bytes: int | None = None) -> tuple[int, int]:
-    """Write the stdlib source to `out`: one {"text": source} per file for .jsonl (so the pretraining loader puts
-    an EOS between files), else the files joined by blank lines. Files that are not UTF-8 are skipped. Stops
-    before the file that would pass max_bytes. Returns (files written, characters written)."""
+                        max_bytes: int | None = None, tests: bool = False) -> tuple[int, int]:
+    """Write the stdlib source (`stdlib_files(root, tests)`) to `out`: one {"text": source} per file for .jsonl
+    (so the pretraining loader puts an EOS between files), else the files joined by blank lines. Files that are
+    not UTF-8 are skipped. Stops before the file that would pass max_bytes. Returns (files, characters) written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     n_files, n_chars = 0, 0
     with open(out, "w", encoding="utf-8") as f:
-        for path in stdlib_files(root):
+        for path in stdlib_files(root, tests):
             try:
                 source = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
@@ -255,14 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", type=int, default=500)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stdlib", action="store_true", help="also write stdlib.jsonl (the stdlib's source)")
+    parser.add_argument("--stdlib", action="store_true", help="also write stdlib.jsonl (the stdlib's source) and "
+                        "stdlib-heldout.jsonl (the first MB of its test suites, which stdlib.jsonl leaves out)")
     args = parser.parse_args(argv)
     sizes = {"train": args.train, "validation": args.validation, "test": args.test}
     for path in write_arithmetic(args.out_dir, sizes, args.seed):
         print(path)
     if args.stdlib:
-        files, chars = write_stdlib_corpus(Path(args.out_dir) / "stdlib.jsonl")
-        print(f"{Path(args.out_dir) / 'stdlib.jsonl'}: {files} files, {chars} characters")
+        for name, tests, max_bytes in (("stdlib.jsonl", False, None), ("stdlib-heldout.jsonl", True, 2**20)):
+            files, chars = write_stdlib_corpus(Path(args.out_dir) / name, max_bytes=max_bytes, tests=tests)
+            print(f"{Path(args.out_dir) / name}: {files} files, {chars} characters")
     return 0
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API under /v1")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer; default: the shipped dsv2-tiny)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
@@ -21,16 +24,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-cache-tokens", type=int, default=None)
     p.add_argument("--cache-dtype", default=None)
+    p.add_argument("--graceful-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, how long in-flight requests may run before they are aborted")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from dsv2.default_model import default_model_dir
     from dsv2.infer import LLM
     from dsv2.serve import ServerConfig, create_app
 
-    model_dir = Path(args.model)
+    model_dir = Path(args.model) if args.model else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
@@ -40,7 +44,24 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_concurrent=args.max_concurrent, max_queue=args.max_queue)
     app = create_app(llm, config)
     print(f"dsv2: serving {names[0]} at http://{args.host}:{args.port}/v1", flush=True)
-    # uvicorn turns SIGINT/SIGTERM into a graceful shutdown: in-flight requests get a few seconds to finish,
-    # then the app's lifespan stops the engine, which aborts what is left.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    _run_uvicorn(app, args.host, args.port, args.graceful_timeout)
     return 0
+
+
+def _run_uvicorn(app: Any, host: str, port: int, grace_s: float) -> None:  # noqa: ANN401 (a FastAPI app)
+    """uvicorn, but on SIGINT/SIGTERM in-flight requests get `grace_s` seconds to finish, then the engine aborts
+    the rest, so every stream still ends with a final chunk (finish_reason "abort"). uvicorn alone waits its
+    graceful timeout and then cuts connections mid-stream; its timeout here is longer than the grace, so the
+    abort chunks go out first."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: ANN401
+            if not self.should_exit:
+                timer = threading.Timer(grace_s, app.state.engine.stop)
+                timer.daemon = True  # an idle server exits at once, without waiting for it
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                          timeout_graceful_shutdown=grace_s + 5)).run()

@@ -25,7 +25,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer; default: the shipped dsv2-tiny)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-cache-tokens", type=int, default=None)
@@ -61,7 +62,7 @@ def _generation_defaults(model_dir: Path) -> dict[str, float]:
 def _params(args: argparse.Namespace, n: int = 1) -> Any:  # noqa: ANN401 (SamplingParams, imported lazily)
     from dsv2.infer import SamplingParams
 
-    defaults = _generation_defaults(Path(args.model))
+    defaults = _generation_defaults(_model_dir(args))
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature if args.temperature is not None else defaults.get("temperature", 1.0),
@@ -72,8 +73,14 @@ def _params(args: argparse.Namespace, n: int = 1) -> Any:  # noqa: ANN401 (Sampl
     )
 
 
+def _model_dir(args: argparse.Namespace) -> Path:
+    from dsv2.default_model import default_model_dir
+
+    return Path(args.model) if args.model else default_model_dir()
+
+
 def _load(args: argparse.Namespace) -> Any:  # noqa: ANN401
-    model_dir = Path(args.model)
+    model_dir = _model_dir(args)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
     if not (model_dir / "tokenizer.json").is_file():

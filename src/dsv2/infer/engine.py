@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load
+from dsv2.default_model import default_model_dir
 from dsv2.infer.blocks import BlockAllocator
 from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
 from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
@@ -78,7 +79,7 @@ class _SeqState:
 class LLM:
     def __init__(
         self,
-        model: str | os.PathLike | Transformer,
+        model: str | os.PathLike | Transformer | None = None,
         tokenizer: Tokenizer | str | os.PathLike | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
@@ -91,7 +92,8 @@ class LLM:
         prefix_caching: bool = True,
         gemv_layout: bool | None = None,
     ) -> None:
-        """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too) or a built model.
+        """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too), a built model, or
+        None for the model shipped in the package (dsv2-tiny).
         dtype: weights and activations (default: the checkpoint's torch_dtype). cache_dtype: the model
         dtype (default) or "fp8" (e4m3 with per-token scales). The cache holds max_cache_tokens tokens, or
         as many as cache_memory_fraction of the free memory allows. gemv_layout: store weights column-major
@@ -101,7 +103,7 @@ class LLM:
         if isinstance(model, Transformer):
             self.model = model.eval()
         else:
-            path = Path(model)
+            path = Path(model) if model is not None else default_model_dir()
             self.model = load(path, dtype=_dtype(dtype), device=self.device)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path

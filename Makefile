@@ -26,8 +26,8 @@ bench: install
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/train.py
 
-# The whole recipe on this machine (about 1.5 hours on 2 cores): corpus -> BPE + pretraining -> SFT -> GRPO,
-# each stage evaluated on the held-out splits (runs/tiny/eval-*.json). `make ship` then copies the final model
+# The whole recipe on this machine (about 2 hours on 2 cores: 94 min of pretraining, 20 for the rest):
+# corpus -> BPE + pretraining -> SFT -> GRPO, each stage evaluated on the held-out splits (runs/tiny/eval-*.json). `make ship` then copies the final model
 # into the package as the default model.
 TINY ?= runs/tiny
 DATA ?= data/tiny

@@ -27,8 +27,8 @@ bench: install
 	$(PY) benchmarks/train.py
 
 # The whole recipe on this machine (about 2 hours on 2 cores: 94 min of pretraining, 20 for the rest):
-# corpus -> BPE + pretraining -> SFT -> GRPO, each stage evaluated on the held-out splits (runs/tiny/eval-*.json). `make ship` then copies the final model
-# into the package as the default model.
+# corpus -> BPE + pretraining -> SFT -> GRPO, each stage evaluated on the held-out splits
+# (runs/tiny/eval-*.json). `make ship` then copies the final model into the package as the default model.
 TINY ?= runs/tiny
 DATA ?= data/tiny
 SFT_ARGS  ?= --steps 300 --batch-size 16 --lr 3e-4

@@ -49,6 +49,8 @@ ship:
 	rm -rf $(SHIPPED) && mkdir -p $(SHIPPED)
 	cp $(TINY)/grpo/final/* $(SHIPPED)/
 	cp $(TINY)/eval-grpo.json $(SHIPPED)/eval.json
+	# A tiny model answers best greedily: dsv2 chat/generate read this as their default temperature 0.
+	echo '{"do_sample": false}' > $(SHIPPED)/generation_config.json
 
 # Serve the shipped model at http://127.0.0.1:8000/v1 (Ctrl-C stops it).
 run: install

@@ -88,6 +88,12 @@ def test_arithmetic_exact_match_on_hand_made_outputs() -> None:
     assert llm.params.temperature == 0  # greedy
     assert [e["correct"] for e in result["examples"]] == [True, False, False]
     assert llm.prompts[0] == [{"role": "user", "content": batch[0].question}]
+    expected: dict[str, dict[str, int]] = {}
+    for p, ok in zip(batch, [True, False, False, True]):
+        expected.setdefault(p.template, {"correct": 0, "n": 0})
+        expected[p.template]["correct"] += ok
+        expected[p.template]["n"] += 1
+    assert result["by_template"] == expected
 
 
 def test_arithmetic_text_format_prompts_like_the_pretraining_corpus() -> None:

@@ -42,8 +42,13 @@ def arithmetic_accuracy(llm: LLM, problems: Sequence[Problem], max_tokens: int =
         raise ValueError(f"prompt_format must be one of {ARITH_FORMATS}, got {prompt_format!r}")
     texts = [o.outputs[0].text for o in outputs]
     correct = exact_match(texts, [p.answer for p in problems])
+    by_template: dict[str, dict[str, int]] = {}
+    for p, c in zip(problems, correct):
+        tally = by_template.setdefault(p.template, {"correct": 0, "n": 0})
+        tally["correct"] += c
+        tally["n"] += 1
     return {"accuracy": sum(correct) / len(problems), "correct": sum(correct), "n": len(problems),
-            "format": prompt_format,
+            "format": prompt_format, "by_template": dict(sorted(by_template.items())),
             "examples": [{"question": p.question, "output": t, "answer": p.answer, "correct": c}
                          for p, t, c in list(zip(problems, texts, correct))[:3]]}
 

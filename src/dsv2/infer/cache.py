@@ -43,15 +43,19 @@ class PagedLatentCache:
         self.layers[layer][slots] = torch.cat([parts[0] / scales[:, :1], parts[1] / scales[:, 1:]], -1).to(FP8)
         self.scales[layer][slots] = scales
 
-    def gather(self, layer: int, block_tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """block_tables (B, max_blocks) -> latents (B, max_blocks * block_size, width) in `dtype`."""
+    def slots_of(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """block_tables (B, max_blocks) -> the flat slots (B, max_blocks * block_size) they cover, in order."""
         B, nb = block_tables.shape
-        slots = (block_tables[:, :, None] * self.block_size
-                 + torch.arange(self.block_size, device=block_tables.device)).reshape(B, nb * self.block_size)
-        latent = self.layers[layer][slots]
+        return (block_tables[:, :, None] * self.block_size
+                + torch.arange(self.block_size, device=block_tables.device)).reshape(B, nb * self.block_size)
+
+    def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """slots (B, S) from slots_of -> latents (B, S, width) in `dtype`."""
+        flat = slots.flatten()  # index_select on flat rows: a leaner kernel than advanced indexing with (B, S)
+        latent = self.layers[layer].index_select(0, flat).view(*slots.shape, self.width)
         if not self.fp8:
-            return latent.to(dtype)
-        scale = self.scales[layer][slots]  # (B, S, 2)
+            return latent if latent.dtype == dtype else latent.to(dtype)
+        scale = self.scales[layer].index_select(0, flat).view(*slots.shape, 2)  # (B, S, 2)
         c, pe = latent[..., : self.kv_rank].float(), latent[..., self.kv_rank :].float()
         return torch.cat([c * scale[..., :1], pe * scale[..., 1:]], dim=-1).to(dtype)
 

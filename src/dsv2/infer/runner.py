@@ -32,33 +32,41 @@ class _Group:
 
 
 class PagedAttention:
-    """The AttentionCache the model sees during an engine step."""
+    """The AttentionCache the model sees during an engine step. What every layer shares (the slots behind the
+    block tables, the masks) is computed once here, not once per layer."""
 
     def __init__(self, cache: PagedLatentCache, slots: torch.Tensor, decode: _Group | None,
                  prefill: _Group | None, num_decode: int) -> None:
         self.cache, self.slots = cache, slots
         self.decode, self.prefill, self.num_decode = decode, prefill, num_decode
+        if decode is not None:
+            self.decode_slots = cache.slots_of(decode.block_tables)  # (B, S)
+            key_pos = torch.arange(self.decode_slots.shape[1], device=slots.device)
+            self.decode_mask = (key_pos < decode.ctx_lens[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        if prefill is not None:
+            self.prefill_slots = cache.slots_of(prefill.block_tables)
+            key_pos = torch.arange(self.prefill_slots.shape[1], device=slots.device)
+            self.prefill_mask = ((key_pos[None, None, :] <= prefill.q_pos[:, :, None])
+                                 & (key_pos[None, None, :] < prefill.ctx_lens[:, None, None]))[:, None]  # (B, 1, Tq, S)
 
     def attend(self, layer: int, attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
                k_pe: torch.Tensor) -> torch.Tensor:
         # (1, N, ...) in; every token's latent is written before anyone reads, so chunks see themselves.
         self.cache.write(layer, self.slots, torch.cat([c_kv[0], k_pe[0]], dim=-1))
         q_nope, q_pe = q_nope[0], q_pe[0]  # (N, nh, d)
-        out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)
         d = self.num_decode
+        if self.prefill is None:  # decodes only: their rows are the whole batch
+            latent = self.cache.gather(layer, self.decode_slots, q_nope.dtype)  # (B, S, W)
+            return attn.attend_absorbed(q_nope[:, None], q_pe[:, None], latent, self.decode_mask)[:, 0][None]
+        out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)
         if self.decode is not None:
-            g = self.decode
-            latent = self.cache.gather(layer, g.block_tables, q_nope.dtype)  # (B, S, W)
-            visible = torch.arange(latent.shape[1], device=latent.device) < g.ctx_lens[:, None]  # (B, S)
-            out[:d] = attn.attend_absorbed(q_nope[:d, None], q_pe[:d, None], latent, visible[:, None, None, :])[:, 0]
-        if self.prefill is not None:
-            g = self.prefill
-            latent = self.cache.gather(layer, g.block_tables, q_nope.dtype)
-            key_pos = torch.arange(latent.shape[1], device=latent.device)
-            mask = (key_pos[None, None, :] <= g.q_pos[:, :, None]) & (key_pos[None, None, :] < g.ctx_lens[:, None, None])
-            o = attn.attend_naive(q_nope[g.q_index], q_pe[g.q_index], latent[..., : attn.kv_rank],
-                                  latent[..., attn.kv_rank :], mask[:, None])  # (B, Tq, nh, dv)
-            out[g.q_index[g.q_valid]] = o[g.q_valid]
+            latent = self.cache.gather(layer, self.decode_slots, q_nope.dtype)
+            out[:d] = attn.attend_absorbed(q_nope[:d, None], q_pe[:d, None], latent, self.decode_mask)[:, 0]
+        g = self.prefill
+        latent = self.cache.gather(layer, self.prefill_slots, q_nope.dtype)
+        o = attn.attend_naive(q_nope[g.q_index], q_pe[g.q_index], latent[..., : attn.kv_rank],
+                              latent[..., attn.kv_rank :], self.prefill_mask)  # (B, Tq, nh, dv)
+        out[g.q_index[g.q_valid]] = o[g.q_valid]
         return out[None]
 
 

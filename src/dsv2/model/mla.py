@@ -110,15 +110,22 @@ class MLA(nn.Module):
         B, T, nh, _ = q_nope.shape
         w = self.wkv_b.weight.view(nh, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (nh, dn, dc), (nh, dv, dc)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, nh, dc)
+        # Head-batched products written as bmm over (nh, B*T, .): einsum would plan the same bmm on every call.
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(nh, B * T, -1), w_uk)  # (nh, B*T, dc)
+        q_lat = q_lat.view(nh, B, T, self.kv_rank).permute(1, 2, 0, 3)  # (B, T, nh, dc)
         # Every (token, head) pair is one query row of a single-head attention over the latents.
         q = torch.cat([q_lat, q_pe], dim=-1).view(B, 1, T * nh, self.kv_rank + self.rope_dim)
         k = latent[:, None]  # (B, 1, S, dc + dr)
         v = latent[:, None, :, : self.kv_rank]  # (B, 1, S, dc): the normed latent is the value
-        if mask is not None:  # one mask row per (token, head) query row
-            mask = mask[..., :, None, :].expand(*mask.shape[:-1], nh, mask.shape[-1]).flatten(-3, -2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return torch.einsum("bthc,hdc->bthd", o.view(B, T, nh, self.kv_rank), w_uv)
+        # Written out rather than SDPA: q, k (dc + dr) and v (dc) differ in head dim, so SDPA would take its
+        # unfused math path, which costs several times these few ops for the handful of query rows of decode.
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.softmax_scale)  # (B, 1, T * nh, S)
+        if mask is not None:  # a token's mask row applies to its nh query rows
+            S = scores.shape[-1]
+            scores.view(B, 1, T, nh, S).masked_fill_(~mask[..., None, :], float("-inf"))
+        o = torch.matmul(scores.softmax(dim=-1), v)  # (B, 1, T * nh, dc)
+        o = torch.bmm(o.view(B * T, nh, self.kv_rank).transpose(0, 1), w_uv.transpose(1, 2))  # (nh, B*T, dv)
+        return o.view(nh, B, T, self.v_dim).permute(1, 2, 0, 3)
 
 
 class AttentionCache(Protocol):

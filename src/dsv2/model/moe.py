@@ -165,6 +165,8 @@ class Experts(nn.Module):
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Grouped: sort the kept (token, slot) pairs by expert, one matmul chain per active expert."""
         K = routing.indices.shape[1]
+        if x_TH.shape[0] * K <= self.n_experts and routing.kept is None and not torch.is_grad_enabled():
+            return self._forward_few(x_TH, routing)
         pair = kept_pairs(routing)
         expert = routing.indices.flatten()[pair]
         order = pair[expert.argsort(stable=True)]  # flat (token, slot) ids, contiguous per expert
@@ -174,6 +176,18 @@ class Experts(nn.Module):
         # The weighted sum is fp32 as in the official code, cast back once.
         y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         return y_TH.index_add_(0, token, out).to(x_TH.dtype)
+
+    def _forward_few(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Decode-sized batches (at most one assignment per expert on average): each assignment is one
+        matrix-vector chain on its expert's weights, with none of the sorting, counting and regrouping that pays
+        off for many tokens. The K outputs of a token are summed in ascending expert order, the order the
+        grouped path's index_add_ uses, so both paths round alike."""
+        y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        for t, (experts, weights) in enumerate(zip(routing.indices.tolist(), routing.weights.unbind(0))):
+            for k in sorted(range(len(experts)), key=experts.__getitem__):
+                e = experts[k]
+                y_TH[t:t + 1].add_(swiglu(x_TH[t:t + 1], self.w13[e], self.w2[e]).float() * weights[k])
+        return y_TH.to(x_TH.dtype)
 
     def forward_loop(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Reference path: every expert over a boolean mask of its (token, slot) pairs."""

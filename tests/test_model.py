@@ -58,6 +58,29 @@ def test_grouped_experts_equal_loop_reference(dtype: torch.dtype) -> None:
         assert (g.float() - r.float()).abs().max().item() <= 20 * tol * r.float().abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_sized_expert_path_equals_grouped_path(dtype: torch.dtype) -> None:
+    # Up to E / K tokens without autograd take one matrix-vector chain per assignment, summed in the grouped
+    # path's order. One token: bit-identical to the grouped path (batch-1 decode). More tokens: an expert that
+    # two tokens share multiplies 2 rows there and 1 here, which BLAS may round differently in the last bit.
+    cfg = small_config(n_routed_experts=16, num_experts_per_tok=4, topk_method="group_limited_greedy",
+                       n_group=4, topk_group=2, routed_scaling_factor=3.0)
+    moe = randomize_(MoE(cfg), seed=3).to(dtype)
+    x = torch.randn(4, cfg.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        for T in (1, 2, 4):  # 4 tokens x 4 slots = 16 experts: the largest batch on the few-token path
+            routing = moe.gate(x[:T])
+            few = moe.experts(x[:T], routing)
+            with torch.enable_grad():  # autograd on: the grouped path
+                grouped = moe.experts(x[:T], routing)
+            if T == 1:
+                assert torch.equal(few, grouped)
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            assert (few.float() - grouped.float()).abs().max() <= tol * grouped.float().abs().max()
+            ref = moe.experts.forward_loop(x[:T], routing)
+            assert (few.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_group=st.sampled_from([2, 4, 8]), data=st.data())
 def test_group_limited_routing_stays_in_kept_groups(n_group: int, data: st.DataObject) -> None:

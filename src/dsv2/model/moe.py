@@ -181,7 +181,7 @@ class Experts(nn.Module):
         """Decode-sized batches (at most one assignment per expert on average): each assignment is one
         matrix-vector chain on its expert's weights, with none of the sorting, counting and regrouping that pays
         off for many tokens. The K outputs of a token are summed in ascending expert order, the order the
-        grouped path's index_add_ uses, so both paths round alike."""
+        grouped path's index_add_ uses, so for one token (batch-1 decode) both paths give the same bits."""
         y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         for t, (experts, weights) in enumerate(zip(routing.indices.tolist(), routing.weights.unbind(0))):
             for k in sorted(range(len(experts)), key=experts.__getitem__):

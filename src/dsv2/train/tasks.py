@@ -128,7 +128,10 @@ def make_problem(template: str, operands: Operands) -> Problem:
 
 
 def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """n distinct problems of one split, drawn by a seeded generator (templates uniformly, then operands)."""
+    """n distinct problems of one split, drawn by a seeded generator (a template uniformly, then operands).
+
+    A draw whose key is already taken is rejected, so a template with few keys runs out and the large ones fill
+    the rest: 60,000 train problems hold every train key of mul (112) and div (113) but 42,939 of add_sub."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
     rng = random.Random(f"{seed}:{split}")  # str seeds hash through SHA-512: stable across runs and machines

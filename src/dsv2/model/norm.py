@@ -18,7 +18,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+        return self.weight * y.to(x.dtype)
 
 
 class MLP(nn.Module):

@@ -16,7 +16,7 @@ from dsv2 import Tokenizer, Transformer
 from dsv2.cli import main
 from dsv2.eval.perplexity import perplexity, windows
 from dsv2.eval.tasks import arithmetic_accuracy, check_completion, humaneval_problems
-from dsv2.train.tasks import problems
+from dsv2.train.tasks import make_problem, problems
 from tests.conftest import randomize_, small_config
 from tests.test_sft import arith_tokenizer, save_with_tokenizer
 
@@ -88,12 +88,13 @@ def test_arithmetic_exact_match_on_hand_made_outputs() -> None:
     assert llm.params.temperature == 0  # greedy
     assert [e["correct"] for e in result["examples"]] == [True, False, False]
     assert llm.prompts[0] == [{"role": "user", "content": batch[0].question}]
-    expected: dict[str, dict[str, int]] = {}
-    for p, ok in zip(batch, [True, False, False, True]):
-        expected.setdefault(p.template, {"correct": 0, "n": 0})
-        expected[p.template]["correct"] += ok
-        expected[p.template]["n"] += 1
-    assert result["by_template"] == expected
+
+
+def test_arithmetic_accuracy_per_template() -> None:
+    batch = [make_problem("add", (1, 2)), make_problem("add", (3, 4)), make_problem("mul", (2, 3))]
+    llm = FakeLLM(["The answer is 3.", "The answer is 8.", "The answer is 6."])  # right, wrong, right
+    result = arithmetic_accuracy(llm, batch)  # type: ignore[arg-type]
+    assert result["by_template"] == {"add": {"correct": 1, "n": 2}, "mul": {"correct": 1, "n": 1}}
 
 
 def test_arithmetic_text_format_prompts_like_the_pretraining_corpus() -> None:

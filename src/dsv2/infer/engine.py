@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load
 from dsv2.default_model import default_model_dir
+from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2.infer.blocks import BlockAllocator
 from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
 from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
@@ -112,6 +113,7 @@ class LLM:
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)
         self.dtype = next(self.model.parameters()).dtype
+        warn_if_bf16_is_slow(self.dtype, self.device, "the engine runs", "pass dtype=\"float32\" (--dtype float32)")
         cache_dtype = FP8 if cache_dtype in ("fp8", "fp8_e4m3", FP8) else (_dtype(cache_dtype) or self.dtype)
         self.cache_bytes_per_token = PagedLatentCache.bytes_per_token(self.cfg, cache_dtype)
         self.max_model_len = self.cfg.max_position_embeddings

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from dsv2 import save
 from dsv2.checkpoint import load
 from dsv2.config import ModelConfig
+from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2.model import Transformer
 from dsv2.model.moe import DeviceCapacity
 from dsv2.train import checkpoints as ckpt
@@ -60,6 +61,8 @@ class Trainer:
             raise ValueError(f"config field 'train.batch_size': {run.batch_size} sequences do not split into "
                              f"micro-batches of {run.micro_batch_size} on {par.world} rank(s)")
         torch.manual_seed(run.seed)
+        if run.autocast == "bfloat16":
+            warn_if_bf16_is_slow(torch.bfloat16, "cpu", "training under autocast", "set train.autocast = \"none\"")
         if run.threads:
             torch.set_num_threads(run.threads)
         self.out = Path(run.out_dir)

@@ -6,6 +6,8 @@ The same ~100M-parameter DeepSeek-V2-shaped model as benchmarks/forward.py, fp32
   (b) 32 requests of 128 new tokens with prompt lengths 8..256: the engine (continuous batching) against
       transformers one request at a time and transformers' left-padded batch `generate`;
   (c) cache bytes per token: the engine's latent cache against transformers' DynamicCache after a run.
+With --compile the engine decodes small batches through torch.compile (LLM(compile=True)); the warm-up run
+before the timed ones absorbs the compilation.
 
     python benchmarks/generate.py [--reps 3] [--requests 32] [--new-tokens 128]
 """
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-gemv-layout", action="store_true", help="keep row-major weights (for comparison)")
+    ap.add_argument("--compile", action="store_true", help="LLM(compile=True): compiled decode of small batches")
     ap.add_argument("--cases", default="batch1,serial,padded", help="comma-separated subset to run")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -74,13 +77,13 @@ def main() -> None:
         save(model, d)
         ref = DeepseekV2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         llm = LLM(d, dtype=torch.float32, max_cache_tokens=args.requests * (256 + new + 16), max_num_seqs=64,
-                  gemv_layout=not args.no_gemv_layout)
+                  gemv_layout=not args.no_gemv_layout, compile=args.compile)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     one = [rng.randrange(BENCH_CFG.vocab_size) for _ in range(16)]
     prompts = [[rng.randrange(BENCH_CFG.vocab_size) for _ in range(rng.randint(8, 256))] for _ in range(args.requests)]
     total = new * len(prompts)
     print(f"# {BENCH_CFG.num_params() / 1e6:.1f}M params, fp32, {torch.get_num_threads()} threads, "
-          f"{new} new tokens per request, medians of {args.reps}, gemv layout {not args.no_gemv_layout}")
+          f"{new} new tokens per request, medians of {args.reps}, gemv layout {not args.no_gemv_layout}, compile {args.compile}")
     print("| case | dsv2 tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")
     cases = args.cases.split(",")

@@ -228,3 +228,14 @@ def test_gemv_layout_changes_storage_not_values() -> None:
     assert model.layers[0].attn.wo.weight.t().is_contiguous()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_compiled_decode_matches_eager(model: Transformer) -> None:
+    """torch.compile'd decode steps (batch 1, and 2 = E / K sequences) give the eager engine's greedy tokens."""
+    eager, compiled = LLM(model, max_cache_tokens=4096), LLM(model, max_cache_tokens=4096, compile=True)
+    assert compiled.runner.max_compiled_batch == 2
+    for prompts in (_prompts(1, seed=3), _prompts(2, seed=4)):
+        assert _tokens(compiled.generate(prompts, GREEDY)) == _tokens(eager.generate(prompts, GREEDY))
+    # every step after each batch's prefill went through the compiled graph, none fell back to eager
+    assert compiled.runner.compiled_steps == 2 * (GREEDY.max_tokens - 1)
+    assert eager.runner.compiled_steps == 0

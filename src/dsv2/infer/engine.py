@@ -92,6 +92,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         prefix_caching: bool = True,
         gemv_layout: bool | None = None,
+        compile: bool = False,
     ) -> None:
         """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too), a built model, or
         None for the model shipped in the package (dsv2-tiny).
@@ -99,7 +100,9 @@ class LLM:
         dtype (default) or "fp8" (e4m3 with per-token scales). The cache holds max_cache_tokens tokens, or
         as many as cache_memory_fraction of the free memory allows. gemv_layout: store weights column-major
         for faster one-row products on CPU (default: on for CPU when the engine loads the checkpoint itself;
-        a model passed in is never re-laid-out unless asked)."""
+        a model passed in is never re-laid-out unless asked). compile: run small decode-only steps through a
+        torch.compile'd graph of the model (faster decode after a compile of up to minutes on first use; see
+        ModelRunner)."""
         self.device = torch.device(device)
         if isinstance(model, Transformer):
             self.model = model.eval()
@@ -126,7 +129,7 @@ class LLM:
         self.cache = PagedLatentCache(self.cfg, num_blocks, block_size, cache_dtype, self.device)
         self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, compile_decode=compile)
         self.eos_ids = {i for i in (self.cfg.eos_token_id, getattr(self.tokenizer, "eos_id", None)) if i is not None}
         self._requests: dict[str, _Request] = {}
         self._states: dict[int, _SeqState] = {}  # by scheduler sequence id, while generating

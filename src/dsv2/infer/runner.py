@@ -8,6 +8,7 @@ their cached prefix plus the new tokens and attend causally. Only the rows that 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,18 @@ def transpose_weights_for_gemv_(model: Transformer) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache) -> None:
+    def __init__(self, model: Transformer, cache: PagedLatentCache, compile_decode: bool = False) -> None:
+        """compile_decode: run steps made only of decodes, at most E / K of them (so the experts' products
+        stay matrix-vector ones), through one torch.compile'd graph of the whole model; other steps run
+        eagerly. The first such step of each batch-size class (1, then 2 or more) compiles, for seconds to
+        minutes; later ones skip the ~2,000 per-op dispatches of an eager decode step."""
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
+        cfg = model.cfg
+        self.max_compiled_batch = cfg.n_routed_experts // cfg.num_experts_per_tok if cfg.n_routed_experts else None
+        self._compiled = (torch.compile(model.hidden_states, dynamic=True, fullgraph=True)
+                          if compile_decode else None)
+        self.compiled_steps = 0
 
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> torch.Tensor:
@@ -108,14 +118,29 @@ class ModelRunner:
         dev = self.device
         backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._group(decodes),
                                  self._group(prefills, first_row=len(decodes)), len(decodes))
-        hidden = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev),
-                                          cache=backend)[0]  # (N, H)
+        ids_t, pos_t = torch.tensor([ids], device=dev), torch.tensor([pos], device=dev)
+        if self._compiled is not None and not prefills and (
+                self.max_compiled_batch is None or len(decodes) <= self.max_compiled_batch):
+            hidden = self._run_compiled(ids_t, pos_t, backend)
+        else:
+            hidden = self.model.hidden_states(ids_t, pos_t, cache=backend)[0]  # (N, H)
         last_row, row = {}, 0
         for s in order:
             row += s.num_tokens
             last_row[id(s)] = row - 1
         rows = [last_row[id(s)] for s in batch if s.samples]  # logits in the caller's batch order
         return self.model.logits(hidden[torch.tensor(rows, device=dev, dtype=torch.long)])
+
+    def _run_compiled(self, ids: torch.Tensor, pos: torch.Tensor, backend: PagedAttention) -> torch.Tensor:
+        try:
+            hidden = self._compiled(ids, pos, cache=backend)[0]
+        except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor: decode eagerly instead
+            warnings.warn(f"compiled decode failed ({type(e).__name__}: {e}); decoding eagerly from now on",
+                          stacklevel=2)
+            self._compiled = None
+            return self.model.hidden_states(ids, pos, cache=backend)[0]
+        self.compiled_steps += 1
+        return hidden
 
     def _group(self, items: list[Scheduled], first_row: int | None = None) -> _Group | None:
         """Block tables and lengths; with first_row, also the padded query layout of prefill chunks."""

@@ -166,6 +166,8 @@ class Experts(nn.Module):
         """Grouped: sort the kept (token, slot) pairs by expert, one matmul chain per active expert."""
         K = routing.indices.shape[1]
         if x_TH.shape[0] * K <= self.n_experts and routing.kept is None and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                return self._forward_gathered(x_TH, routing)
             return self._forward_few(x_TH, routing)
         pair = kept_pairs(routing)
         expert = routing.indices.flatten()[pair]
@@ -187,6 +189,18 @@ class Experts(nn.Module):
             for k in sorted(range(len(experts)), key=experts.__getitem__):
                 e = experts[k]
                 y_TH[t:t + 1].add_(swiglu(x_TH[t:t + 1], self.w13[e], self.w2[e]).float() * weights[k])
+        return y_TH.to(x_TH.dtype)
+
+    def _forward_gathered(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """_forward_few as pure tensor ops, for torch.compile (the engine's compiled decode): each assignment
+        indexes its expert's weights by the routing tensor, with no .tolist() to break the graph. Run eagerly,
+        the indexing would copy every chosen expert's weights; compiled, inductor reads them in place."""
+        T, K = routing.indices.shape
+        chosen = routing.indices.flatten()
+        x = x_TH.repeat_interleave(K, dim=0)[:, :, None]  # (T*K, H, 1)
+        gate, up = torch.bmm(self.w13[chosen], x)[..., 0].chunk(2, dim=-1)
+        out = torch.bmm(self.w2[chosen], (F.silu(gate) * up)[:, :, None])[..., 0]  # (T*K, H)
+        y_TH = (out.float().view(T, K, -1) * routing.weights[..., None]).sum(dim=1)
         return y_TH.to(x_TH.dtype)
 
     def forward_loop(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dsv2.infer.commands import add_compile_arg
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API under /v1")
@@ -24,6 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-cache-tokens", type=int, default=None)
     p.add_argument("--cache-dtype", default=None)
+    add_compile_arg(p)
     p.add_argument("--graceful-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long in-flight requests may run before they are aborted")
     p.set_defaults(func=run_serve)
@@ -38,7 +41,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
-              cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent)
+              cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile)
     names = args.served_model_name or [model_dir.resolve().name]
     config = ServerConfig(names, api_key=args.api_key or os.environ.get("DSV2_API_KEY") or None,
                           max_concurrent=args.max_concurrent, max_queue=args.max_queue)

@@ -239,3 +239,18 @@ def test_compiled_decode_matches_eager(model: Transformer) -> None:
     # every step after each batch's prefill went through the compiled graph, none fell back to eager
     assert compiled.runner.compiled_steps == 2 * (GREEDY.max_tokens - 1)
     assert eager.runner.compiled_steps == 0
+
+
+def test_failed_compilation_falls_back_to_eager(model: Transformer) -> None:
+    eager = LLM(model, max_cache_tokens=4096)
+    llm = LLM(model, max_cache_tokens=4096, compile=True)
+
+    def no_compiler(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 -- what inductor raises without a C++ compiler
+        raise RuntimeError("no C++ compiler found")
+
+    llm.runner._compiled = no_compiler
+    prompts = _prompts(1, seed=5)
+    with pytest.warns(UserWarning, match="compiled decode failed .*no C\\+\\+ compiler.*decoding eagerly"):
+        out = llm.generate(prompts, GREEDY)
+    assert _tokens(out) == _tokens(eager.generate(prompts, GREEDY))
+    assert llm.runner._compiled is None and llm.runner.compiled_steps == 0

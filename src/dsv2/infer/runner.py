@@ -108,39 +108,41 @@ class ModelRunner:
         decodes = [s for s in batch if s.num_tokens == 1]
         prefills = [s for s in batch if s.num_tokens > 1]
         order = decodes + prefills
-        ids, pos, slots = [], [], []
-        for s in order:
-            p = range(s.start, s.start + s.num_tokens)
-            ids += s.seq.token_ids[s.start:s.start + s.num_tokens]
-            pos += p
-            bs = self.cache.block_size
-            slots += [s.seq.blocks[i // bs] * bs + i % bs for i in p]
-        dev = self.device
-        backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._group(decodes),
-                                 self._group(prefills, first_row=len(decodes)), len(decodes))
-        ids_t, pos_t = torch.tensor([ids], device=dev), torch.tensor([pos], device=dev)
-        if self._compiled is not None and not prefills and (
-                self.max_compiled_batch is None or len(decodes) <= self.max_compiled_batch):
-            hidden = self._run_compiled(ids_t, pos_t, backend)
-        else:
-            hidden = self.model.hidden_states(ids_t, pos_t, cache=backend)[0]  # (N, H)
+        # Larger decode batches stay eager: split into compiled passes of E / K they ran slower on CPU (each
+        # pass streams all the weights again; see BENCHMARKS.md).
+        compiled = (self._compiled is not None and not prefills
+                    and (self.max_compiled_batch is None or len(decodes) <= self.max_compiled_batch))
+        hidden = self._hidden(decodes, prefills, compiled)
         last_row, row = {}, 0
         for s in order:
             row += s.num_tokens
             last_row[id(s)] = row - 1
         rows = [last_row[id(s)] for s in batch if s.samples]  # logits in the caller's batch order
-        return self.model.logits(hidden[torch.tensor(rows, device=dev, dtype=torch.long)])
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device, dtype=torch.long)])
 
-    def _run_compiled(self, ids: torch.Tensor, pos: torch.Tensor, backend: PagedAttention) -> torch.Tensor:
-        try:
-            hidden = self._compiled(ids, pos, cache=backend)[0]
-        except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor: decode eagerly instead
-            warnings.warn(f"compiled decode failed ({type(e).__name__}: {e}); decoding eagerly from now on",
-                          stacklevel=2)
-            self._compiled = None
-            return self.model.hidden_states(ids, pos, cache=backend)[0]
-        self.compiled_steps += 1
-        return hidden
+    def _hidden(self, decodes: list[Scheduled], prefills: list[Scheduled], compiled: bool) -> torch.Tensor:
+        """Final hidden states (N, H) of the scheduled tokens, decodes' rows first."""
+        ids, pos, slots = [], [], []
+        bs = self.cache.block_size
+        for s in decodes + prefills:
+            p = range(s.start, s.start + s.num_tokens)
+            ids += s.seq.token_ids[s.start:s.start + s.num_tokens]
+            pos += p
+            slots += [s.seq.blocks[i // bs] * bs + i % bs for i in p]
+        dev = self.device
+        backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._group(decodes),
+                                 self._group(prefills, first_row=len(decodes)), len(decodes))
+        ids_t, pos_t = torch.tensor([ids], device=dev), torch.tensor([pos], device=dev)
+        if compiled:
+            try:
+                hidden = self._compiled(ids_t, pos_t, cache=backend)[0]
+                self.compiled_steps += 1
+                return hidden
+            except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor: decode eagerly instead
+                warnings.warn(f"compiled decode failed ({type(e).__name__}: {e}); decoding eagerly from now on",
+                              stacklevel=2)
+                self._compiled = None
+        return self.model.hidden_states(ids_t, pos_t, cache=backend)[0]
 
     def _group(self, items: list[Scheduled], first_row: int | None = None) -> _Group | None:
         """Block tables and lengths; with first_row, also the padded query layout of prefill chunks."""

@@ -211,6 +211,16 @@ class LLM:
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         return self._run_to_completion(ids, use_tqdm)
 
+    def warm_up(self) -> None:
+        """With compile=True, compile the decode graphs now (batch 1, then 2 or more sequences) instead of in
+        the first requests; the two tiny generations leave nothing behind in the cache."""
+        if not self.runner.compiles:
+            return
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        self.generate([[0, 1, 2]], params)
+        if self.scheduler.max_num_seqs > 1 and self.runner.max_compiled_batch != 1:
+            self.generate([[0, 1, 2], [3, 4, 5]], params)
+
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False
              ) -> list[RequestOutput]:

@@ -102,6 +102,11 @@ class ModelRunner:
                           if compile_decode else None)
         self.compiled_steps = 0
 
+    @property
+    def compiles(self) -> bool:
+        """Whether small decode-only steps go through the compiled graph (False after a failed compilation)."""
+        return self._compiled is not None
+
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> torch.Tensor:
         """Compute the scheduled tokens; fp32 logits (n_sampling, V) for the items with `samples`, in order."""

@@ -42,6 +42,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
               cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile)
+    if args.compile:
+        print("dsv2: compiling the decode graphs (once, before serving)...", flush=True)
+        llm.warm_up()
     names = args.served_model_name or [model_dir.resolve().name]
     config = ServerConfig(names, api_key=args.api_key or os.environ.get("DSV2_API_KEY") or None,
                           max_concurrent=args.max_concurrent, max_queue=args.max_queue)

@@ -115,10 +115,12 @@ def test_bf16_as_accurate_as_transformers_bf16(pair, tmp_path: Path) -> None:
     model16 = load(tmp_path, dtype=torch.bfloat16)
     ref16 = DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert model16.embed.weight.dtype == torch.bfloat16
-    ids = _inputs(cfg, batch=2, length=24, seed=4)
+    # 256 tokens: over a few dozen, one bf16 routing flip moves the mean error a lot (one weight draw gave
+    # 2.5x transformers' error at 48 tokens); at 256 tokens, 12 draws of v2_group_limited gave 0.80-1.22x.
+    ids = _inputs(cfg, batch=4, length=64, seed=4)
     exact = ref(ids).logits
     ours = model16(ids)
     assert ours.dtype == torch.float32
     our_err = (ours - exact).abs().mean().item()
     their_err = (ref16(ids).logits.float() - exact).abs().mean().item()
-    assert 0 < our_err <= 1.5 * their_err
+    assert 0 < our_err <= 1.5 * their_err, (our_err, their_err)

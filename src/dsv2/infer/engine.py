@@ -100,7 +100,7 @@ class LLM:
         dtype (default) or "fp8" (e4m3 with per-token scales). The cache holds max_cache_tokens tokens, or
         as many as cache_memory_fraction of the free memory allows. gemv_layout: store weights column-major
         for faster one-row products on CPU (default: on for CPU when the engine loads the checkpoint itself;
-        a model passed in is never re-laid-out unless asked). compile: run small decode-only steps through a
+        a model passed in is never re-laid-out unless asked). compile: run decode-only steps through a
         torch.compile'd graph of the model (faster decode after a compile of up to minutes on first use; see
         ModelRunner)."""
         self.device = torch.device(device)
@@ -218,7 +218,7 @@ class LLM:
             return
         params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         self.generate([[0, 1, 2]], params)
-        if self.scheduler.max_num_seqs > 1 and self.runner.max_compiled_batch != 1:
+        if self.scheduler.max_num_seqs > 1:
             self.generate([[0, 1, 2], [3, 4, 5]], params)
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],

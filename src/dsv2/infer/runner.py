@@ -90,21 +90,18 @@ def transpose_weights_for_gemv_(model: Transformer) -> None:
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedLatentCache, compile_decode: bool = False) -> None:
-        """compile_decode: run steps made only of decodes, at most E / K of them (so the experts' products
-        stay matrix-vector ones), through one torch.compile'd graph of the whole model; other steps run
-        eagerly. The first such step of each batch-size class (1, then 2 or more) compiles, for seconds to
-        minutes; later ones skip the ~2,000 per-op dispatches of an eager decode step."""
+        """compile_decode: run decode-only steps through one torch.compile'd graph of the whole model (steps
+        with prefill tokens run eagerly). The first step of batch size 1, and the first of 2 or more, compile
+        (seconds to minutes); later ones skip the ~2,000 per-op dispatches of an eager decode step."""
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
-        cfg = model.cfg
-        self.max_compiled_batch = cfg.n_routed_experts // cfg.num_experts_per_tok if cfg.n_routed_experts else None
         self._compiled = (torch.compile(model.hidden_states, dynamic=True, fullgraph=True)
                           if compile_decode else None)
         self.compiled_steps = 0
 
     @property
     def compiles(self) -> bool:
-        """Whether small decode-only steps go through the compiled graph (False after a failed compilation)."""
+        """Whether decode-only steps go through the compiled graph (False after a failed compilation)."""
         return self._compiled is not None
 
     @torch.inference_mode()
@@ -113,10 +110,7 @@ class ModelRunner:
         decodes = [s for s in batch if s.num_tokens == 1]
         prefills = [s for s in batch if s.num_tokens > 1]
         order = decodes + prefills
-        # Larger decode batches stay eager: split into compiled passes of E / K they ran slower on CPU (each
-        # pass streams all the weights again; see BENCHMARKS.md).
-        compiled = (self._compiled is not None and not prefills
-                    and (self.max_compiled_batch is None or len(decodes) <= self.max_compiled_batch))
+        compiled = self._compiled is not None and not prefills
         hidden = self._hidden(decodes, prefills, compiled)
         last_row, row = {}, 0
         for s in order:

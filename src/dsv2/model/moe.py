@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -154,47 +155,25 @@ class Experts(nn.Module):
         """
         # unbind once: indexing w13[e] per expert would make backward build a zero-filled (E, 2I, H) gradient
         # for every expert used (E^2 work per layer); unbind's backward stacks the E slices once.
-        w13, w2 = self.w13.unbind(0), self.w2.unbind(0)
-        outs, begin = [], 0
-        for e, n in enumerate(counts):
-            if n or every_expert:
-                outs.append(swiglu(x_NH[begin:begin + n], w13[e], w2[e]))
-                begin += n
-        return torch.cat(outs) if outs else x_NH.new_zeros(0, x_NH.shape[-1])
+        return _grouped(x_NH, counts, self.w13.unbind(0), self.w2.unbind(0), every_expert)
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Grouped: sort the kept (token, slot) pairs by expert, one matmul chain per active expert."""
-        K = routing.indices.shape[1]
-        if x_TH.shape[0] * K <= self.n_experts and routing.kept is None and not torch.is_grad_enabled():
+        if routing.kept is None and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():
-                return self._forward_gathered(x_TH, routing)
-            return self._forward_few(x_TH, routing)
-        pair = kept_pairs(routing)
-        expert = routing.indices.flatten()[pair]
-        order = pair[expert.argsort(stable=True)]  # flat (token, slot) ids, contiguous per expert
-        token = order // K
-        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
-        out = self.grouped(x_TH[token], counts).float() * routing.weights.flatten()[order, None]
-        # The weighted sum is fp32 as in the official code, cast back once.
-        y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        return y_TH.index_add_(0, token, out).to(x_TH.dtype)
-
-    def _forward_few(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Decode-sized batches (at most one assignment per expert on average): each assignment is one
-        matrix-vector chain on its expert's weights, with none of the sorting, counting and regrouping that pays
-        off for many tokens. The K outputs of a token are summed in ascending expert order, the order the
-        grouped path's index_add_ uses, so for one token (batch-1 decode) both paths give the same bits."""
-        y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        for t, (experts, weights) in enumerate(zip(routing.indices.tolist(), routing.weights.unbind(0))):
-            for k in sorted(range(len(experts)), key=experts.__getitem__):
-                e = experts[k]
-                y_TH[t:t + 1].add_(swiglu(x_TH[t:t + 1], self.w13[e], self.w2[e]).float() * weights[k])
-        return y_TH.to(x_TH.dtype)
+                # In the engine's compiled decode graph: one token's experts as tensor ops that inductor fuses;
+                # more tokens through one opaque op running the eager paths, whose per-expert counts are data
+                # that would otherwise break the graph.
+                if x_TH.shape[0] == 1:
+                    return self._forward_gathered(x_TH, routing)
+                return routed_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2)
+            return _inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2)
+        return _sorted_experts(x_TH, routing.indices, routing.weights, kept_pairs(routing), self.w13.unbind(0),
+                               self.w2.unbind(0))
 
     def _forward_gathered(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """_forward_few as pure tensor ops, for torch.compile (the engine's compiled decode): each assignment
-        indexes its expert's weights by the routing tensor, with no .tolist() to break the graph. Run eagerly,
-        the indexing would copy every chosen expert's weights; compiled, inductor reads them in place."""
+        """The matrix-vector path as pure tensor ops, for torch.compile: each assignment indexes its expert's
+        weights by the routing tensor, with no .tolist() to break the graph. Run eagerly, the indexing would
+        copy every chosen expert's weights; compiled, inductor reads them in place."""
         T, K = routing.indices.shape
         chosen = routing.indices.flatten()
         x = x_TH.repeat_interleave(K, dim=0)[:, :, None]  # (T*K, H, 1)
@@ -213,6 +192,60 @@ class Experts(nn.Module):
                 out = self.expert(e, x_TH[token]).float() * routing.weights[token, slot, None]
                 y_TH.index_add_(0, token, out)
         return y_TH.to(x_TH.dtype)
+
+
+def _grouped(x_NH: torch.Tensor, counts: list[int], w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor],
+             every_expert: bool = False) -> torch.Tensor:
+    outs, begin = [], 0
+    for e, n in enumerate(counts):
+        if n or every_expert:
+            outs.append(swiglu(x_NH[begin:begin + n], w13[e], w2[e]))
+            begin += n
+    return torch.cat(outs) if outs else x_NH.new_zeros(0, x_NH.shape[-1])
+
+
+def _sorted_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, pair: torch.Tensor,
+                    w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Grouped: sort the (token, slot) pairs to compute by expert, one matmul chain per active expert."""
+    K = indices_TK.shape[1]
+    expert = indices_TK.flatten()[pair]
+    order = pair[expert.argsort(stable=True)]  # flat (token, slot) ids, contiguous per expert
+    token = order // K
+    counts = torch.bincount(expert, minlength=len(w13)).tolist()
+    out = _grouped(x_TH[token], counts, w13, w2).float() * weights_TK.flatten()[order, None]
+    # The weighted sum is fp32 as in the official code, cast back once.
+    y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+    return y_TH.index_add_(0, token, out).to(x_TH.dtype)
+
+
+def _inference_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w13: torch.Tensor,
+                       w2: torch.Tensor) -> torch.Tensor:
+    """Without autograd or dropping. Decode-sized batches (at most one assignment per expert on average): each
+    assignment is one matrix-vector chain on its expert's weights, with none of the sorting, counting and
+    regrouping that pays off for many tokens. The K outputs of a token are summed in ascending expert order,
+    the order the grouped path's index_add_ uses, so for one token (batch-1 decode) both give the same bits."""
+    T, K = indices_TK.shape
+    if T * K > w13.shape[0]:
+        return _sorted_experts(x_TH, indices_TK, weights_TK, torch.arange(T * K, device=x_TH.device), w13, w2)
+    y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+    for t, (experts, weights) in enumerate(zip(indices_TK.tolist(), weights_TK.unbind(0))):
+        for k in sorted(range(len(experts)), key=experts.__getitem__):
+            e = experts[k]
+            y_TH[t:t + 1].add_(swiglu(x_TH[t:t + 1], w13[e], w2[e]).float() * weights[k])
+    return y_TH.to(x_TH.dtype)
+
+
+@torch.library.custom_op("dsv2::routed_experts", mutates_args=())
+def routed_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor) -> torch.Tensor:
+    """_inference_experts as one op that torch.compile treats as opaque (its shape function is below)."""
+    return _inference_experts(x_TH, indices_TK, weights_TK, w13, w2)
+
+
+@routed_experts.register_fake
+def _(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w13: torch.Tensor,
+      w2: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x_TH)
 
 
 def swiglu(x_NH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 All scheduled tokens run as one flat sequence of N tokens through the projections and experts. Attention
 splits them: single-token rows (decodes) attend through the absorbed weights straight over their latents,
-gathered from the paged cache by block table; multi-token chunks (prefills) decompress keys and values of
-their cached prefix plus the new tokens and attend causally. Only the rows that sample get logits.
+gathered from the paged cache by block table; each multi-token chunk (a prefill) decompresses keys and values
+of its own cached prefix plus new tokens and attends causally, unpadded. Only the rows that sample get logits.
 """
 
 from __future__ import annotations
@@ -21,34 +21,36 @@ from dsv2.model.moe import Experts
 
 
 @dataclass
-class _Group:
-    """Sequences attending the same way: their rows in the flat batch and where their latents live."""
+class _Decodes:
+    """The single-token rows, first in the flat batch, and where their latents live."""
 
     block_tables: torch.Tensor  # (B, max_blocks)
-    ctx_lens: torch.Tensor  # (B,) tokens visible to the last query (cached prefix + new)
-    # Prefill chunks only (a decode's one query is its own row): where the padded queries come from.
-    q_index: torch.Tensor | None = None  # (B, Tq) rows of the flat batch, padded with row 0
-    q_valid: torch.Tensor | None = None  # (B, Tq) bool
-    q_pos: torch.Tensor | None = None  # (B, Tq) positions of the queries
+    ctx_lens: torch.Tensor  # (B,) tokens visible to each query (cached prefix + itself)
+
+
+@dataclass
+class _Chunk:
+    """One prefill chunk: rows first_row .. first_row + n of the flat batch, the last n of its ctx tokens."""
+
+    first_row: int
+    n: int
+    slots: torch.Tensor  # (1, ctx) the flat cache slots of its tokens 0 .. ctx - 1
+    mask: torch.Tensor | None  # (1, 1, n, ctx) bool; None when the chunk is the whole sequence (plain causal)
 
 
 class PagedAttention:
     """The AttentionCache the model sees during an engine step. What every layer shares (the slots behind the
     block tables, the masks) is computed once here, not once per layer."""
 
-    def __init__(self, cache: PagedLatentCache, slots: torch.Tensor, decode: _Group | None,
-                 prefill: _Group | None, num_decode: int) -> None:
-        self.cache, self.slots = cache, slots
-        self.decode, self.prefill, self.num_decode = decode, prefill, num_decode
+    def __init__(self, cache: PagedLatentCache, slots: torch.Tensor, decode: _Decodes | None,
+                 chunks: list[_Chunk]) -> None:
+        self.cache, self.slots, self.decode, self.chunks = cache, slots, decode, chunks
+        self.num_decode = 0
         if decode is not None:
+            self.num_decode = len(decode.ctx_lens)
             self.decode_slots = cache.slots_of(decode.block_tables)  # (B, S)
             key_pos = torch.arange(self.decode_slots.shape[1], device=slots.device)
             self.decode_mask = (key_pos < decode.ctx_lens[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        if prefill is not None:
-            self.prefill_slots = cache.slots_of(prefill.block_tables)
-            key_pos = torch.arange(self.prefill_slots.shape[1], device=slots.device)
-            self.prefill_mask = ((key_pos[None, None, :] <= prefill.q_pos[:, :, None])
-                                 & (key_pos[None, None, :] < prefill.ctx_lens[:, None, None]))[:, None]  # (B, 1, Tq, S)
 
     def attend(self, layer: int, attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
                k_pe: torch.Tensor) -> torch.Tensor:
@@ -56,18 +58,20 @@ class PagedAttention:
         self.cache.write(layer, self.slots, torch.cat([c_kv[0], k_pe[0]], dim=-1))
         q_nope, q_pe = q_nope[0], q_pe[0]  # (N, nh, d)
         d = self.num_decode
-        if self.prefill is None:  # decodes only: their rows are the whole batch
+        if not self.chunks:  # decodes only: their rows are the whole batch
             latent = self.cache.gather(layer, self.decode_slots, q_nope.dtype)  # (B, S, W)
             return attn.attend_absorbed(q_nope[:, None], q_pe[:, None], latent, self.decode_mask)[:, 0][None]
         out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)
         if self.decode is not None:
             latent = self.cache.gather(layer, self.decode_slots, q_nope.dtype)
             out[:d] = attn.attend_absorbed(q_nope[:d, None], q_pe[:d, None], latent, self.decode_mask)[:, 0]
-        g = self.prefill
-        latent = self.cache.gather(layer, self.prefill_slots, q_nope.dtype)
-        o = attn.attend_naive(q_nope[g.q_index], q_pe[g.q_index], latent[..., : attn.kv_rank],
-                              latent[..., attn.kv_rank :], self.prefill_mask)  # (B, Tq, nh, dv)
-        out[g.q_index[g.q_valid]] = o[g.q_valid]
+        # One attention per chunk, at its own length: padding chunks to a common (queries, keys) size cost up to
+        # 4x the work when prompt lengths differ, and a whole-sequence chunk runs as plain causal attention.
+        for c in self.chunks:
+            rows = slice(c.first_row, c.first_row + c.n)
+            latent = self.cache.gather(layer, c.slots, q_nope.dtype)  # (1, ctx, W)
+            out[rows] = attn.attend_naive(q_nope[None, rows], q_pe[None, rows], latent[..., : attn.kv_rank],
+                                          latent[..., attn.kv_rank :], c.mask)[0]
         return out[None]
 
 
@@ -129,8 +133,8 @@ class ModelRunner:
             pos += p
             slots += [s.seq.blocks[i // bs] * bs + i % bs for i in p]
         dev = self.device
-        backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._group(decodes),
-                                 self._group(prefills, first_row=len(decodes)), len(decodes))
+        backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._decodes(decodes),
+                                 self._chunks(prefills, first_row=len(decodes)))
         ids_t, pos_t = torch.tensor([ids], device=dev), torch.tensor([pos], device=dev)
         if compiled:
             try:
@@ -143,25 +147,24 @@ class ModelRunner:
                 self._compiled = None
         return self.model.hidden_states(ids_t, pos_t, cache=backend)[0]
 
-    def _group(self, items: list[Scheduled], first_row: int | None = None) -> _Group | None:
-        """Block tables and lengths; with first_row, also the padded query layout of prefill chunks."""
+    def _decodes(self, items: list[Scheduled]) -> _Decodes | None:
         if not items:
             return None
-        dev = self.device
         max_blocks = max(len(s.seq.blocks) for s in items)
-        tables = torch.tensor([s.seq.blocks + [0] * (max_blocks - len(s.seq.blocks)) for s in items], device=dev)
-        group = _Group(tables, torch.tensor([s.start + s.num_tokens for s in items], device=dev))
-        if first_row is None:
-            return group
-        tq = max(s.num_tokens for s in items)
-        q_index, q_valid, q_pos, row = [], [], [], first_row
+        tables = [s.seq.blocks + [0] * (max_blocks - len(s.seq.blocks)) for s in items]
+        return _Decodes(torch.tensor(tables, device=self.device),
+                        torch.tensor([s.start + 1 for s in items], device=self.device))
+
+    def _chunks(self, items: list[Scheduled], first_row: int) -> list[_Chunk]:
+        chunks, dev = [], self.device
         for s in items:
-            n = s.num_tokens
-            q_index.append(list(range(row, row + n)) + [0] * (tq - n))
-            q_valid.append([True] * n + [False] * (tq - n))
-            q_pos.append(list(range(s.start, s.start + n)) + [0] * (tq - n))
-            row += n
-        group.q_index = torch.tensor(q_index, device=dev)
-        group.q_valid = torch.tensor(q_valid, device=dev)
-        group.q_pos = torch.tensor(q_pos, device=dev)
-        return group
+            n, ctx = s.num_tokens, s.start + s.num_tokens
+            table = torch.tensor([s.seq.blocks[: -(-ctx // self.cache.block_size)]], device=dev)
+            slots = self.cache.slots_of(table)[:, :ctx]
+            mask = None
+            if s.start:  # queries ctx - n .. ctx - 1 over keys 0 .. ctx - 1
+                key_pos = torch.arange(ctx, device=dev)
+                mask = (key_pos[None, :] <= torch.arange(s.start, ctx, device=dev)[:, None])[None, None]
+            chunks.append(_Chunk(first_row, n, slots, mask))
+            first_row += n
+        return chunks

@@ -22,6 +22,8 @@ bench: install
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/load_memory.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/generate.py --compile --cases batch1,serial
+	$(PY) benchmarks/gemm_dtype.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/train.py

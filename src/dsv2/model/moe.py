@@ -17,8 +17,8 @@ Device-level token dropping (§2.2.4) is a training-time policy set on `MoE.drop
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch

@@ -6,7 +6,10 @@ benchmarks/forward.py, with the real DeepSeek-V2 tokenizer), sends `--requests` 
 token and inter-token latency (p50/p99). Baseline, same run: the same prompts through the in-process engine
 (`LLM.chat`, at most `--clients` sequences at a time), i.e. what the HTTP layer costs.
 
-    python benchmarks/serve.py [--clients 8] [--requests 32] [--max-tokens 64]
+    python benchmarks/serve.py [--clients 8] [--requests 32] [--max-tokens 64] [--compile]
+
+--compile runs both the server (`dsv2 serve --compile`, which compiles before it listens) and the offline
+engine with compiled decode; compilation is outside the timed part.
 """
 
 from __future__ import annotations
@@ -37,15 +40,16 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def start_server(ckpt: Path) -> tuple[subprocess.Popen, int]:
+def start_server(ckpt: Path, compile: bool) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "dsv2.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--served-model-name", "bench", "--dtype", "float32", "--max-cache-tokens", "65536"],
+                             "--served-model-name", "bench", "--dtype", "float32", "--max-cache-tokens", "65536"]
+                            + ["--compile"] * compile,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    for _ in range(600):
+    for _ in range(6000):  # up to 20 minutes: with --compile the server compiles before it listens
         try:
             client.models.list()
             return proc, port
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--compile", action="store_true", help="compiled decode in the server and the offline engine")
     args = ap.parse_args()
     torch.manual_seed(0)
     prompts = [f"Question {i}: " + " ".join(f"word{j}" for j in range(5 + 7 * (i % 9))) for i in range(args.requests)]
@@ -107,16 +112,18 @@ def main() -> None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(named_tokenizer_dir("deepseek-v2") / name, ckpt / name)
         # same concurrency as the clients: the engine never runs more than --clients sequences at once
-        llm = LLM(ckpt, dtype=torch.float32, max_cache_tokens=65536, max_num_seqs=args.clients)
+        llm = LLM(ckpt, dtype=torch.float32, max_cache_tokens=65536, max_num_seqs=args.clients,
+                  compile=args.compile)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
         messages = [[{"role": "user", "content": p}] for p in prompts]
+        llm.warm_up()
         llm.chat(messages[:2], params)  # warm-up
         t0 = time.perf_counter()
         offline = llm.chat(messages, params)
         offline_s = time.perf_counter() - t0
         offline_tokens = sum(len(o.outputs[0].token_ids) for o in offline)
         del llm
-        proc, port = start_server(ckpt)
+        proc, port = start_server(ckpt, args.compile)
         try:
             run_clients(port, prompts[:2], 2, args.max_tokens)  # warm-up
             t0 = time.perf_counter()
@@ -128,7 +135,7 @@ def main() -> None:
     served_tokens = sum(stats["tokens"])
     ms = 1000
     print(f"# {SERVE_CFG.num_params() / 1e6:.0f}M params fp32, {args.clients} concurrent streaming clients, "
-          f"{args.requests} chat requests, up to {args.max_tokens} tokens each, greedy")
+          f"{args.requests} chat requests, up to {args.max_tokens} tokens each, greedy, compile {args.compile}")
     print("| clients | requests/s | output tok/s | offline engine tok/s | served / offline | TTFT p50 / p99 (ms) "
           "| ITL p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")

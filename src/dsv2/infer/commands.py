@@ -95,6 +95,8 @@ def _load(args: argparse.Namespace) -> Any:  # noqa: ANN401
                          "(copy tokenizer.json and tokenizer_config.json next to the weights)")
     from dsv2.infer import LLM
 
+    if args.compile:  # stderr, so that piped output stays the model's text only
+        print("dsv2: decoding is compiled on first use; the first tokens can take a minute", file=sys.stderr)
     return LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
                cache_dtype=args.cache_dtype, compile=args.compile)
 

@@ -36,7 +36,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="decode small batches through a torch.compile'd model (faster per token; the first "
+                   help="run decode steps through a torch.compile'd model (faster per token; the first "
                         "decodes wait for compilation, about a minute for a 100M-parameter model on CPU)")
 
 

@@ -158,6 +158,8 @@ class Experts(nn.Module):
         return _grouped(x_NH, counts, self.w13.unbind(0), self.w2.unbind(0), every_expert)
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Inference: matrix-vector chains for decode-sized batches, else grouped (see _inference_experts);
+        training (autograd or dropping): grouped over the kept pairs."""
         if routing.kept is None and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 # In the engine's compiled decode graph: one token's experts as tensor ops that inductor fuses;

@@ -99,16 +99,19 @@ def test_loss_normalisation_per_sequence_or_per_token() -> None:
     assert stats["kl"] == pytest.approx(k3.item(), rel=1e-5)
 
 
-def test_completion_logprobs_match_unpadded_forwards() -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprobs_match_unpadded_forwards(temperature: float) -> None:
+    """Log-probabilities of the distribution the engine samples at `temperature`: softmax(logits / T)."""
     model = tiny().eval()
     prompts = [[0, 5, 9, 11], [0, 3], [0, 8, 8, 8, 8, 2]]
     completions = [[4, 4, 1], [6, 10, 12, 13, 14], [20]]
     with torch.no_grad():
-        logp, mask = completion_logprobs(model, prompts, completions)
+        logp, mask = completion_logprobs(model, prompts, completions, temperature)
         assert mask.tolist() == [[j < len(c) for j in range(5)] for c in completions]
         for b, (p, c) in enumerate(zip(prompts, completions)):
             full = torch.tensor([p + c])
-            expected = torch.log_softmax(model(full)[0], -1)[len(p) - 1:-1].gather(1, torch.tensor(c)[:, None])[:, 0]
+            logp_full = torch.log_softmax(model(full)[0] / temperature, -1)
+            expected = logp_full[len(p) - 1:-1].gather(1, torch.tensor(c)[:, None])[:, 0]
             torch.testing.assert_close(logp[b, :len(c)], expected, rtol=1e-5, atol=1e-5)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,18 @@ def test_a_small_template_is_partitioned_exactly() -> None:
     assert sum(len(v) for v in by_split.values()) == len(keys)
     drawn = {p.key for p in problems("test", 400, seed=5) if p.template == "mul"}
     assert drawn <= by_split["test"]
+
+
+def test_drawing_with_replacement_balances_templates() -> None:
+    """Distinct draws leave the 121-key templates rare; draws with replacement give every template its 1/7 share,
+    stay inside the split, and leave the distinct (evaluation) draw unchanged."""
+    distinct = Counter(p.template for p in problems("train", 7000, seed=0))
+    drawn = problems("train", 7000, seed=0, replace=True)
+    balanced = Counter(p.template for p in drawn)
+    assert distinct["mul"] < 150 and distinct["add_sub"] > 1500
+    assert all(800 <= balanced[t.name] <= 1200 for t in TEMPLATES), balanced
+    assert all(split_of(p.key) == "train" for p in drawn) and len({p.key for p in drawn}) < len(drawn)
+    assert problems("test", 300, seed=0) == problems("test", 300, seed=0, replace=False)
 
 
 def test_drawing_is_seeded() -> None:

@@ -164,11 +164,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return (x * mask).sum().item() / max(mask.sum().item(), 1)
 
 
-def completion_logprobs(model: Transformer, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(model: Transformer, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(completion token | everything before it) for each completion, (B, T) with T the longest completion,
     and the (B, T) bool mask of real tokens. Rows are prompt + completion, right-padded, so positions start at 0
-    for every row and the padding mask hides the pad keys."""
+    for every row and the padding mask hides the pad keys. π is the distribution the engine samples at
+    `temperature` (softmax of logits / temperature), so that the ratio and the KL are of the sampling policy."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
     B, L = len(rows), max(map(len, rows))
     ids_BL = torch.zeros(B, L, dtype=torch.long)
@@ -178,7 +179,8 @@ def completion_logprobs(model: Transformer, prompts: Sequence[Sequence[int]], co
         attn_BL[b, :len(row)] = 1
     logits_BLV = model(ids_BL, attention_mask=attn_BL)
     # logp_next[b, t] = log p(token t+1 | tokens <= t)
-    logp_next = torch.log_softmax(logits_BLV[:, :-1].float(), dim=-1).gather(-1, ids_BL[:, 1:, None])[..., 0]
+    logp_next = torch.log_softmax(logits_BLV[:, :-1].float() / temperature, dim=-1)
+    logp_next = logp_next.gather(-1, ids_BL[:, 1:, None])[..., 0]
     T = max(1, max(map(len, completions)))
     offsets = torch.arange(T)
     starts = torch.tensor([len(p) - 1 for p in prompts])  # completion token j sits at len(p) + j
@@ -260,10 +262,12 @@ class GRPOTrainer:
         ref_logp = old_logp = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logp, _ = completion_logprobs(self.reference, rollouts.prompts, rollouts.completions)
+                ref_logp, _ = completion_logprobs(self.reference, rollouts.prompts, rollouts.completions,
+                                                  cfg.temperature)
         if cfg.updates_per_batch > 1:  # π_old is the policy that sampled, fixed across the μ updates
             with torch.no_grad():
-                old_logp, _ = completion_logprobs(self.policy, rollouts.prompts, rollouts.completions)
+                old_logp, _ = completion_logprobs(self.policy, rollouts.prompts, rollouts.completions,
+                                                  cfg.temperature)
         for _ in range(cfg.updates_per_batch):
             stats = self._update(rollouts, advantages, old_logp, ref_logp)
         self.engine.update_weights(self.policy.state_dict())
@@ -276,7 +280,7 @@ class GRPOTrainer:
     def _update(self, rollouts: Rollouts, advantages: torch.Tensor, old_logp: torch.Tensor | None,
                 ref_logp: torch.Tensor | None) -> dict[str, float]:
         cfg = self.cfg
-        logp, mask = completion_logprobs(self.policy, rollouts.prompts, rollouts.completions)
+        logp, mask = completion_logprobs(self.policy, rollouts.prompts, rollouts.completions, cfg.temperature)
         # With μ = 1 the sampling policy *is* the current one: its detached log-probs are π_old exactly (ρ = 1,
         # and the gradient of ρ is the gradient of log π), without a second forward pass.
         old = logp.detach() if old_logp is None else old_logp

@@ -127,24 +127,30 @@ def make_problem(template: str, operands: Operands) -> Problem:
     return Problem(template, operands, t.question.format(**fields), solution, fields["ans"])
 
 
-def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """n distinct problems of one split, drawn by a seeded generator (a template uniformly, then operands).
+def problems(split: str, n: int, seed: int = 0, replace: bool = False) -> list[Problem]:
+    """n problems of one split, drawn by a seeded generator (a template uniformly, then operands).
 
-    A draw whose key is already taken is rejected, so a template with few keys runs out and the large ones fill
-    the rest: 60,000 train problems hold every train key of mul (112) and div (113) but 42,939 of add_sub."""
+    Without replacement (the default, for evaluation sets) a draw whose key is already taken is rejected, so a
+    template with few keys runs out and the large ones fill the rest: 60,000 distinct train problems hold every
+    train key of mul (112) and div (113) but 42,939 of add_sub. With replacement (for a training corpus) every
+    template keeps its 1/7 share and a template with few keys repeats them."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
     rng = random.Random(f"{seed}:{split}")  # str seeds hash through SHA-512: stable across runs and machines
     out: dict[str, Problem] = {}
+    drawn: list[Problem] = []
     for _ in range(200 * n + 1000):  # rejection sampling; the bound only turns an impossible n into an error
-        if len(out) == n:
-            return list(out.values())
+        if len(drawn) == n:
+            return drawn
         t = rng.choice(TEMPLATES)
         ops = t.sample(rng)
         key = problem_key(t.name, ops)
-        if key not in out and split_of(key) == split:
+        if split_of(key) != split or (key in out and not replace):
+            continue
+        if key not in out:
             out[key] = make_problem(t.name, ops)
-    raise ValueError(f"could not draw {n} distinct {split} problems (got {len(out)})")
+        drawn.append(out[key])
+    raise ValueError(f"could not draw {n} {'distinct ' if not replace else ''}{split} problems (got {len(drawn)})")
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -195,11 +201,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_arithmetic(out_dir: str | os.PathLike, sizes: Mapping[str, int], seed: int = 0) -> list[Path]:
-    """Per split: {split}-sft.jsonl (conversations), {split}-grpo.jsonl (prompt + answer), {split}-text.jsonl."""
+def write_arithmetic(out_dir: str | os.PathLike, sizes: Mapping[str, int], seed: int = 0,
+                     replace: frozenset[str] = frozenset()) -> list[Path]:
+    """Per split: {split}-sft.jsonl (conversations), {split}-grpo.jsonl (prompt + answer), {split}-text.jsonl.
+    The splits named in `replace` are drawn with replacement (`problems`)."""
     out, written = Path(out_dir), []
     for split, n in sizes.items():
-        batch = problems(split, n, seed)
+        batch = problems(split, n, seed, replace=split in replace)
         for kind, record in (("sft", sft_record), ("grpo", grpo_record), ("text", pretrain_record)):
             path = out / f"{split}-{kind}.jsonl"
             write_jsonl(path, map(record, batch))
@@ -262,11 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", type=int, default=500)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-with-replacement", action="store_true",
+                        help="draw the train split with replacement: every template equally often (templates with "
+                        "few keys repeat them) rather than distinct problems, among which the small templates are rare")
     parser.add_argument("--stdlib", action="store_true", help="also write stdlib.jsonl (the stdlib's source) and "
                         "stdlib-heldout.jsonl (the first MB of its test suites, which stdlib.jsonl leaves out)")
     args = parser.parse_args(argv)
     sizes = {"train": args.train, "validation": args.validation, "test": args.test}
-    for path in write_arithmetic(args.out_dir, sizes, args.seed):
+    replace = frozenset({"train"} if args.train_with_replacement else ())
+    for path in write_arithmetic(args.out_dir, sizes, args.seed, replace):
         print(path)
     if args.stdlib:
         for name, tests, max_bytes in (("stdlib.jsonl", False, None), ("stdlib-heldout.jsonl", True, 2**20)):

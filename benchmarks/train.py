@@ -1,12 +1,18 @@
 """Training throughput: a dsv2 training step vs transformers' DeepseekV2ForCausalLM on the same weights and batch.
 
-One step = forward, next-token cross-entropy, backward, AdamW (0.9, 0.95, wd 0.1) update, fp32. Neither side
-adds balance losses or drops tokens (transformers' native class has no DeepSeek aux loss), so both do the
+One step = forward, next-token cross-entropy, backward, AdamW (0.9, 0.95, wd 0.1) update, fp32: dsv2's
+optimizer (fused AdamW) against torch's default AdamW on transformers' side (--fused-baseline: fused too).
+Neither side adds balance losses or drops tokens (transformers' native class has no DeepSeek aux loss), so both do the
 same arithmetic. Two configurations: the `tiny` preset and the ~100M model of benchmarks/forward.py. Steps
 alternate between the two models so drift in machine load hits both alike; we report median tokens/s and
 the ratio.
 
-    python benchmarks/train.py [--reps 5] [--batch 4] [--seq 256] [--threads N] [--only tiny|100m]
+    python benchmarks/train.py [--reps 5] [--batch 4] [--seq 256] [--threads N] [--only tiny|100m] [--profile]
+
+--profile also runs one profiled step of each side and prints the time in matrix products (aten::mm, bmm,
+addmm, baddbmm; self time, which includes the BLAS call) and the bound it puts on the ratio: if dsv2 spent
+no time at all outside its matrix products, its step could be at most transformers' step / dsv2's GEMM time
+faster.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ def _config_100m() -> ModelConfig:
     return module.CFG
 
 
-def step_fn(model: torch.nn.Module, ids: torch.Tensor, ours: bool) -> Callable[[], float]:
+def step_fn(model: torch.nn.Module, ids: torch.Tensor, ours: bool, fused_baseline: bool = False
+            ) -> Callable[[], float]:
+    """dsv2's optimizer is fused AdamW; transformers' side gets torch's default AdamW unless fused_baseline."""
     opt = build_optimizer(model, OptimConfig(lr=1e-4)) if ours else torch.optim.AdamW(
-        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused_baseline)
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
     def step() -> float:
@@ -58,14 +66,30 @@ def step_fn(model: torch.nn.Module, ids: torch.Tensor, ours: bool) -> Callable[[
     return step
 
 
-def bench(name: str, cfg: ModelConfig, batch: int, seq: int, reps: int) -> None:
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def profiled_ms(fn: Callable[[], float]) -> tuple[float, float]:
+    """(whole step, matrix products) in ms, from one step under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    gemm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
+    return wall * 1e3, gemm_us / 1e3
+
+
+def bench(name: str, cfg: ModelConfig, batch: int, seq: int, reps: int, profile: bool = False,
+          fused_baseline: bool = False) -> None:
     torch.manual_seed(0)
     ref = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg.to_hf())).train()
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = load(d, dtype=torch.float32).train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
-    run_ours, run_ref = step_fn(ours, ids, ours=True), step_fn(ref, ids, ours=False)
+    run_ours, run_ref = step_fn(ours, ids, ours=True), step_fn(ref, ids, ours=False, fused_baseline=fused_baseline)
     first_ours, first_ref = run_ours(), run_ref()  # warm-up; same weights, so the same first loss
     assert abs(first_ours - first_ref) < 1e-3, (first_ours, first_ref)
     t_ours, t_ref = [], []
@@ -78,6 +102,11 @@ def bench(name: str, cfg: ModelConfig, batch: int, seq: int, reps: int) -> None:
     a, b = tokens / statistics.median(t_ours), tokens / statistics.median(t_ref)
     params = f"{cfg.num_params() / 1e6:.1f}M ({cfg.num_active_params() / 1e6:.1f}M active)"
     print(f"| {name} | {params} | {batch} x {seq} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |", flush=True)
+    if profile:
+        (step_o, gemm_o), (step_r, gemm_r) = profiled_ms(run_ours), profiled_ms(run_ref)
+        print(f"#   profiled step, {name}: dsv2 {step_o:.0f} ms ({gemm_o:.0f} ms = {gemm_o / step_o:.0%} in GEMMs), "
+              f"transformers {step_r:.0f} ms ({gemm_r:.0f} ms = {gemm_r / step_r:.0%} in GEMMs); ratio bound if "
+              f"dsv2 ran only its GEMMs: {step_r / gemm_o:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -87,17 +116,21 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["tiny", "100m"], default=None)
+    ap.add_argument("--profile", action="store_true", help="also report time in matrix products (one step each)")
+    ap.add_argument("--fused-baseline", action="store_true", help="give transformers' side fused AdamW too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = {"tiny": ModelConfig.preset("tiny"), "100m": _config_100m()}
-    print(f"# training step (fwd + CE + bwd + AdamW), fp32, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, medians of {args.reps}")
+    adamw = "fused AdamW on both sides" if args.fused_baseline else "dsv2 fused AdamW, transformers default AdamW"
+    print(f"# training step (fwd + CE + bwd + AdamW), {adamw}, fp32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"medians of {args.reps}")
     print("| config | params | batch | dsv2 tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|---|---|")
     for name, cfg in configs.items():
         if args.only in (None, name):
-            bench(name, cfg, args.batch, args.seq, args.reps)
+            bench(name, cfg, args.batch, args.seq, args.reps, args.profile, args.fused_baseline)
 
 
 if __name__ == "__main__":

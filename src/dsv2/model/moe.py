@@ -198,11 +198,10 @@ class Experts(nn.Module):
 
 def _grouped(x_NH: torch.Tensor, counts: list[int], w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor],
              every_expert: bool = False) -> torch.Tensor:
-    outs, begin = [], 0
-    for e, n in enumerate(counts):
-        if n or every_expert:
-            outs.append(swiglu(x_NH[begin:begin + n], w13[e], w2[e]))
-            begin += n
+    # split, not a slice per expert: each slice's backward would zero-fill a gradient as large as x_NH (E of them
+    # per layer, most of a training step's time on CPU); split's backward is one cat.
+    outs = [swiglu(x_n, w13[e], w2[e]) for e, (n, x_n) in enumerate(zip(counts, x_NH.split(counts), strict=True))
+            if n or every_expert]
     return torch.cat(outs) if outs else x_NH.new_zeros(0, x_NH.shape[-1])
 
 

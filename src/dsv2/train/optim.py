@@ -51,8 +51,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # fused: one kernel per parameter, no temporaries. The unfused CPU path allocates sqrt/div results the size
+    # of each parameter; the stacked experts' (E, 2I, H) ones are past glibc's mmap threshold, so every step
+    # page-faults them in afresh (2x the time of transformers' AdamW over per-expert tensors, measured).
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+                             eps=cfg.eps, fused=True)
 
 
 @dataclass(frozen=True)

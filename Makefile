@@ -37,7 +37,7 @@ SFT_ARGS  ?= --steps 300 --batch-size 16 --lr 3e-4
 GRPO_ARGS ?= --steps 100 --prompts-per-step 16 --group-size 8 --lr 5e-5 --temperature 0.7
 EVAL := $(PY) -m dsv2.cli eval --arith 500 --ppl-text $(DATA)/validation-text.jsonl $(DATA)/stdlib-heldout.jsonl
 tiny-model: install
-	$(PY) -m dsv2.train.tasks $(DATA) --train 60000 --train-with-replacement --stdlib
+	$(PY) -m dsv2.train.tasks $(DATA) --train 60000 --stdlib
 	$(PY) -m dsv2.cli train --config recipes/tiny.toml --train.out_dir=$(TINY)/pretrain \
 		--data.paths='["$(DATA)/stdlib.jsonl", "$(DATA)/train-text.jsonl"]'
 	$(EVAL) --model $(TINY)/pretrain/final --arith-format text --out $(TINY)/eval-pretrain.json

@@ -21,9 +21,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from dsv2.hardware import keep_freed_memory
     from dsv2.train.config import TrainConfig
     from dsv2.train.trainer import train
 
+    keep_freed_memory()
     overrides = [o.removeprefix("--") for o in getattr(args, "overrides", [])]
     out = train(TrainConfig.from_toml(args.config, overrides), resume=args.resume)
     print(f"done: {out}/final")

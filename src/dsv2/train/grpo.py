@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load, save
+from dsv2.hardware import keep_freed_memory
 from dsv2.infer import LLM, SamplingParams
 from dsv2.model import Transformer
 from dsv2.tokenizer import Tokenizer
@@ -368,6 +369,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     try:
         cfg = GRPOConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step, steps=args.steps,
                          beta=args.beta, epsilon=args.epsilon, lr=args.lr, updates_per_batch=args.updates_per_batch,

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load, save
+from dsv2.hardware import keep_freed_memory
 from dsv2.model import Transformer
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.losses import lm_loss
@@ -223,6 +224,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_sft(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                     warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed)
     try:

@@ -37,8 +37,8 @@ def keep_freed_memory() -> bool:
 
     glibc gives every allocation over its mmap threshold (32 MiB at most) fresh pages and unmaps them on free,
     so a training step page-faults its large tensors (logits, their gradients, stacked expert gradients, the
-    optimizer's temporaries) back in on every step. Measured on a 2-core CPU (BENCHMARKS.md): the tiny recipe's
-    step 1.27 -> 1.07 s. The process's memory then stays near its peak, which suits a training run; the
+    optimizer's temporaries) back in on every step. Measured on a 2-core CPU (BENCHMARKS.md): the tiny recipe
+    trains 15% more tokens per second. The process's memory then stays near its peak, which suits a training run; the
     training commands call this, a library import does not."""
     if os.environ.get("DSV2_MALLOC") == "default" or not sys.platform.startswith("linux"):
         return False

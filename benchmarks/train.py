@@ -8,6 +8,7 @@ alternate between the two models so drift in machine load hits both alike; we re
 the ratio.
 
     python benchmarks/train.py [--reps 5] [--batch 4] [--seq 256] [--threads N] [--only tiny|100m] [--profile]
+                               [--fused-baseline] [--keep-freed-memory]
 
 --profile also runs one profiled step of each side and prints the time in matrix products (aten::mm, bmm,
 addmm, baddbmm; self time, which includes the BLAS call) and the bound it puts on the ratio: if dsv2 spent
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from dsv2 import ModelConfig, load
+from dsv2.hardware import keep_freed_memory
 from dsv2.train.losses import lm_loss
 from dsv2.train.optim import OptimConfig, build_optimizer
 
@@ -118,11 +120,16 @@ def main() -> None:
     ap.add_argument("--only", choices=["tiny", "100m"], default=None)
     ap.add_argument("--profile", action="store_true", help="also report time in matrix products (one step each)")
     ap.add_argument("--fused-baseline", action="store_true", help="give transformers' side fused AdamW too")
+    ap.add_argument("--keep-freed-memory", action="store_true", help="apply dsv2.hardware.keep_freed_memory() "
+                    "first, as `dsv2 train` does; process-wide, so both sides run with it")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("error: keep_freed_memory() does not apply here (needs Linux with glibc)")
     configs = {"tiny": ModelConfig.preset("tiny"), "100m": _config_100m()}
     adamw = "fused AdamW on both sides" if args.fused_baseline else "dsv2 fused AdamW, transformers default AdamW"
+    adamw += ", freed memory kept (both sides)" if args.keep_freed_memory else ""
     print(f"# training step (fwd + CE + bwd + AdamW), {adamw}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"medians of {args.reps}")

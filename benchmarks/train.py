@@ -2,8 +2,8 @@
 
 One step = forward, next-token cross-entropy, backward, AdamW (0.9, 0.95, wd 0.1) update, fp32: dsv2's
 optimizer (fused AdamW) against torch's default AdamW on transformers' side (--fused-baseline: fused too).
-Neither side adds balance losses or drops tokens (transformers' native class has no DeepSeek aux loss), so both do the
-same arithmetic. Two configurations: the `tiny` preset and the ~100M model of benchmarks/forward.py. Steps
+Neither side adds balance losses or drops tokens (transformers' native class has no DeepSeek aux loss), so
+both models do the same arithmetic (the two AdamW variants differ only in rounding). Two configurations: the `tiny` preset and the ~100M model of benchmarks/forward.py. Steps
 alternate between the two models so drift in machine load hits both alike; we report median tokens/s and
 the ratio.
 

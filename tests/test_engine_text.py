@@ -78,7 +78,8 @@ def test_chat_command_keeps_the_conversation(ckpt: Path, monkeypatch: pytest.Mon
     import argparse
 
     args = argparse.Namespace(model=str(ckpt), dtype="float32", device="cpu", max_cache_tokens=2048,
-                              cache_dtype=None, compile=False, system="Be brief.", max_tokens=5, temperature=0.0, top_p=None,
+                              cache_dtype=None, compile=False, gemm="auto", system="Be brief.", max_tokens=5,
+                              temperature=0.0, top_p=None,
                               top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
                               frequency_penalty=0.0, stop=[], seed=None, n=1)
     seen: list[list[int]] = []

@@ -35,9 +35,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    """The engine's speed options, shared by generate, chat and serve."""
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through a torch.compile'd model (faster per token; the first "
                         "decodes wait for compilation, about a minute for a 100M-parameter model on CPU)")
+    add_gemm_arg(p, "fp32 products: 'onednn' with weights packed once, 'torch' (F.linear), 'auto' = oneDNN on x86 "
+                    "CPUs unless --compile")
+
+
+def add_gemm_arg(p: argparse.ArgumentParser, help: str) -> None:  # noqa: A002 -- argparse's own name
+    p.add_argument("--gemm", choices=("auto", "onednn", "torch"), default="auto", help=help)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -98,7 +105,7 @@ def _load(args: argparse.Namespace) -> Any:  # noqa: ANN401
     if args.compile:  # stderr, so that piped output stays the model's text only
         print("dsv2: decoding is compiled on first use; the first tokens can take a minute", file=sys.stderr)
     return LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
-               cache_dtype=args.cache_dtype, compile=args.compile)
+               cache_dtype=args.cache_dtype, compile=args.compile, gemm=args.gemm)
 
 
 def _stream(llm: Any, prompt: str | list[int], params: Any, out: TextIO) -> list[Any]:  # noqa: ANN401

@@ -29,7 +29,7 @@ from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
 from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, sample
 from dsv2.infer.scheduler import Scheduler
 from dsv2.infer.scheduler import Sequence as SchedSeq
-from dsv2.model import Transformer
+from dsv2.model import Transformer, onednn
 from dsv2.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
@@ -93,6 +93,7 @@ class LLM:
         prefix_caching: bool = True,
         gemv_layout: bool | None = None,
         compile: bool = False,
+        gemm: str = "auto",
     ) -> None:
         """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too), a built model, or
         None for the model shipped in the package (dsv2-tiny).
@@ -102,7 +103,10 @@ class LLM:
         for faster one-row products on CPU (default: on for CPU when the engine loads the checkpoint itself;
         a model passed in is never re-laid-out unless asked). compile: run decode-only steps through a
         torch.compile'd graph of the model (faster decode after a compile of up to minutes on first use; see
-        ModelRunner)."""
+        ModelRunner). gemm: "onednn" multiplies fp32 projections and experts through oneDNN with weights packed
+        once (dsv2.model.onednn; gemv_layout is then moot), "torch" through F.linear; "auto" (default) packs on an
+        x86 CPU when the engine loads the checkpoint itself and does not compile -- a model passed in is packed
+        only if asked, since packing makes it inference-only."""
         self.device = torch.device(device)
         if isinstance(model, Transformer):
             self.model = model.eval()
@@ -111,7 +115,14 @@ class LLM:
             self.model = load(path, dtype=_dtype(dtype), device=self.device)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path
-        if gemv_layout or (gemv_layout is None and self.device.type == "cpu" and not isinstance(model, Transformer)):
+        own_cpu_model = self.device.type == "cpu" and not isinstance(model, Transformer)
+        packed = onednn.wanted(gemm, self.device) and (gemm == "onednn" or (own_cpu_model and not compile))
+        if packed:
+            if compile:
+                raise ValueError("compile=True and gemm='onednn' are alternatives: the compiled decode graph "
+                                 "multiplies dense weights itself")
+            onednn.pack_for_inference_(self.model)
+        elif gemv_layout or (gemv_layout is None and own_cpu_model):
             transpose_weights_for_gemv_(self.model)
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)

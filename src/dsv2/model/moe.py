@@ -17,7 +17,7 @@ Device-level token dropping (§2.2.4) is a training-time policy set on `MoE.drop
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -135,17 +135,23 @@ def limit_to_groups(scores_TE: torch.Tensor, n_group: int, topk_group: int) -> t
     return scores_TE.masked_fill(~keep_TE, float("-inf"))
 
 
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (..., K), w (N, K)) -> x @ w.T
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts as stacked weights: w13 (E, 2I, H) gate rows then up rows, w2 (E, H, I)."""
+    """E SwiGLU experts as stacked weights: w13 (E, 2I, H) gate rows then up rows, w2 (E, H, I).
+
+    linear: the bias-free product the experts multiply with (F.linear; dsv2.model.onednn swaps in oneDNN's)."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
         super().__init__()
         self.n_experts, self.hidden = n_experts, hidden
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.linear: Linear = F.linear
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
-        return swiglu(x_NH, self.w13[e], self.w2[e])
+        return swiglu(x_NH, self.w13[e], self.w2[e], self.linear)
 
     def grouped(self, x_NH: torch.Tensor, counts: list[int], every_expert: bool = False) -> torch.Tensor:
         """Rows of x_NH sorted by expert, counts[e] of them for expert e -> the experts' outputs, same order.
@@ -155,10 +161,10 @@ class Experts(nn.Module):
         """
         # unbind once: indexing w13[e] per expert would make backward build a zero-filled (E, 2I, H) gradient
         # for every expert used (E^2 work per layer); unbind's backward stacks the E slices once.
-        return _grouped(x_NH, counts, self.w13.unbind(0), self.w2.unbind(0), every_expert)
+        return _grouped(x_NH, counts, self.w13.unbind(0), self.w2.unbind(0), every_expert, self.linear)
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Inference: matrix-vector chains for decode-sized batches, else grouped (see _inference_experts);
+        """Inference: matrix-vector chains for decode-sized batches, else grouped (see inference_experts);
         training (autograd or dropping): grouped over the kept pairs."""
         if routing.kept is None and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():
@@ -168,9 +174,9 @@ class Experts(nn.Module):
                 if x_TH.shape[0] == 1:
                     return self._forward_gathered(x_TH, routing)
                 return routed_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2)
-            return _inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2)
+            return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, self.linear)
         return _sorted_experts(x_TH, routing.indices, routing.weights, kept_pairs(routing), self.w13.unbind(0),
-                               self.w2.unbind(0))
+                               self.w2.unbind(0), self.linear)
 
     def _forward_gathered(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The matrix-vector path as pure tensor ops, for torch.compile: each assignment indexes its expert's
@@ -197,50 +203,53 @@ class Experts(nn.Module):
 
 
 def _grouped(x_NH: torch.Tensor, counts: list[int], w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor],
-             every_expert: bool = False) -> torch.Tensor:
+             every_expert: bool = False, linear: Linear = F.linear) -> torch.Tensor:
     # split, not a slice per expert: each slice's backward would zero-fill a gradient as large as x_NH (E of them
     # per layer, a third of a profiled CPU training step of the 135M benchmark model); split's backward is one cat.
-    outs = [swiglu(x_n, w13[e], w2[e]) for e, (n, x_n) in enumerate(zip(counts, x_NH.split(counts), strict=True))
-            if n or every_expert]
+    pieces = enumerate(zip(counts, x_NH.split(counts), strict=True))
+    outs = [swiglu(x_n, w13[e], w2[e], linear) for e, (n, x_n) in pieces if n or every_expert]
     return torch.cat(outs) if outs else x_NH.new_zeros(0, x_NH.shape[-1])
 
 
 def _sorted_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, pair: torch.Tensor,
-                    w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]) -> torch.Tensor:
+                    w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor], linear: Linear = F.linear
+                    ) -> torch.Tensor:
     """Grouped: sort the (token, slot) pairs to compute by expert, one matmul chain per active expert."""
     K = indices_TK.shape[1]
     expert = indices_TK.flatten()[pair]
     order = pair[expert.argsort(stable=True)]  # flat (token, slot) ids, contiguous per expert
     token = order // K
     counts = torch.bincount(expert, minlength=len(w13)).tolist()
-    out = _grouped(x_TH[token], counts, w13, w2).float() * weights_TK.flatten()[order, None]
+    out = _grouped(x_TH[token], counts, w13, w2, linear=linear).float() * weights_TK.flatten()[order, None]
     # The weighted sum is fp32 as in the official code, cast back once.
     y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
     return y_TH.index_add_(0, token, out).to(x_TH.dtype)
 
 
-def _inference_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w13: torch.Tensor,
-                       w2: torch.Tensor) -> torch.Tensor:
-    """Without autograd or dropping. Decode-sized batches (at most one assignment per expert on average): each
+def inference_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor], linear: Linear = F.linear
+                      ) -> torch.Tensor:
+    """Without autograd or dropping; w13[e], w2[e] are expert e's weights (stacked, or packed ones in a list). Decode-sized batches (at most one assignment per expert on average): each
     assignment is one matrix-vector chain on its expert's weights, with none of the sorting, counting and
     regrouping that pays off for many tokens. The K outputs of a token are summed in ascending expert order,
     the order the grouped path's index_add_ uses, so for one token (batch-1 decode) both give the same bits."""
     T, K = indices_TK.shape
-    if T * K > w13.shape[0]:
-        return _sorted_experts(x_TH, indices_TK, weights_TK, torch.arange(T * K, device=x_TH.device), w13, w2)
+    if T * K > len(w13):
+        return _sorted_experts(x_TH, indices_TK, weights_TK, torch.arange(T * K, device=x_TH.device), w13, w2,
+                               linear)
     y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
     for t, (experts, weights) in enumerate(zip(indices_TK.tolist(), weights_TK.unbind(0))):
         for k in sorted(range(len(experts)), key=experts.__getitem__):
             e = experts[k]
-            y_TH[t:t + 1].add_(swiglu(x_TH[t:t + 1], w13[e], w2[e]).float() * weights[k])
+            y_TH[t:t + 1].add_(swiglu(x_TH[t:t + 1], w13[e], w2[e], linear).float() * weights[k])
     return y_TH.to(x_TH.dtype)
 
 
 @torch.library.custom_op("dsv2::routed_experts", mutates_args=())
 def routed_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w13: torch.Tensor,
                    w2: torch.Tensor) -> torch.Tensor:
-    """_inference_experts as one op that torch.compile treats as opaque (its shape function is below)."""
-    return _inference_experts(x_TH, indices_TK, weights_TK, w13, w2)
+    """inference_experts as one op that torch.compile treats as opaque (its shape function is below)."""
+    return inference_experts(x_TH, indices_TK, weights_TK, w13, w2)
 
 
 @routed_experts.register_fake
@@ -249,9 +258,9 @@ def _(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, w1
     return torch.empty_like(x_TH)
 
 
-def swiglu(x_NH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x_NH, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+def swiglu(x_NH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
+    gate, up = linear(x_NH, w13).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w2)
 
 
 def kept_pairs(routing: Routing) -> torch.Tensor:

@@ -41,7 +41,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
-              cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile)
+              cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile,
+              gemm=args.gemm)
     if args.compile:
         print("dsv2: compiling the decode graphs (once, before serving)...", flush=True)
         llm.warm_up()

@@ -42,6 +42,7 @@ class RunConfig:
     batch_ramp_tokens: int = 0
     seed: int = 0
     autocast: str = "none"  # or "bfloat16"
+    gemm: str = "auto"  # fp32 products: "onednn" (dsv2.model.onednn), "torch" (F.linear), "auto" = oneDNN on x86 CPUs
     activation_checkpointing: bool = False
     log_every: int = 1
     checkpoint_every: int = 100
@@ -55,6 +56,8 @@ class RunConfig:
         _check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
                f"{self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         _check(self.autocast in ("none", "bfloat16"), "train.autocast", f"'none' or 'bfloat16', got {self.autocast!r}")
+        _check(self.gemm in ("auto", "onednn", "torch"), "train.gemm",
+               f"'auto', 'onednn' or 'torch', got {self.gemm!r}")
         ramp = self.batch_ramp_start
         _check(ramp is None or 0 < ramp <= self.batch_size, "train.batch_ramp_start",
                f"must be in [1, batch_size={self.batch_size}], got {ramp}")

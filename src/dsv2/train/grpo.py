@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dsv2.checkpoint import load, save
 from dsv2.hardware import keep_freed_memory
 from dsv2.infer import LLM, SamplingParams
-from dsv2.model import Transformer
+from dsv2.model import Transformer, onednn
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.optim import OptimConfig, build_optimizer
 from dsv2.train.sft import copy_tokenizer_files
@@ -55,6 +55,7 @@ class GRPOConfig:
     top_p: float = 1.0
     adv_eps: float = 1e-4  # (r - mean) / (std + adv_eps), as TRL
     seed: int = 0
+    gemm: str = "auto"  # fp32 products through oneDNN ("onednn", "auto" = on x86 CPUs) or F.linear ("torch")
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "group_size", "must be >= 2 (a group of one has no baseline)")
@@ -65,6 +66,7 @@ class GRPOConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.loss_norm in LOSS_NORMS, "loss_norm", f"must be one of {LOSS_NORMS}")
         _check(self.temperature > 0, "temperature", "must be > 0 (GRPO needs diverse samples)")
+        _check(self.gemm in ("auto", "onednn", "torch"), "gemm", "must be 'auto', 'onednn' or 'torch'")
 
 
 def _check(ok: bool, name: str, reason: str) -> None:
@@ -231,11 +233,17 @@ class GRPOTrainer:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rewards = {name: (rewards[name], w) for name, w in reward_weights.items()}
         self.policy = policy.float().train()
+        fast = onednn.wanted(cfg.gemm)
+        if fast:
+            onednn.use_for_training_(self.policy)
         self.reference = _frozen_copy(policy) if cfg.beta > 0 else None
+        if fast and self.reference is not None:
+            onednn.pack_for_inference_(self.reference)
         # The engine samples from its own copy: LLM keeps a reference to the model it is given and switches it to
-        # eval mode, and update_weights copies new values in after each step.
+        # eval mode (and with oneDNN packs its weights), and update_weights copies new values in after each step.
         self.engine = LLM(_frozen_copy(policy), tokenizer=tokenizer, max_cache_tokens=max_cache_tokens,
-                          max_num_seqs=max(64, cfg.prompts_per_step * cfg.group_size))
+                          max_num_seqs=max(64, cfg.prompts_per_step * cfg.group_size),
+                          gemm="onednn" if fast else "torch")
         self.optimizer = build_optimizer(self.policy, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                                   warmup_steps=0))
         self.steps_done = 0
@@ -365,6 +373,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="completion length limit")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--gemm", choices=("auto", "onednn", "torch"), default=d.gemm, help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
     p.set_defaults(func=run_grpo)
 
 
@@ -374,7 +383,7 @@ def run_grpo(args: argparse.Namespace) -> int:
         cfg = GRPOConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step, steps=args.steps,
                          beta=args.beta, epsilon=args.epsilon, lr=args.lr, updates_per_batch=args.updates_per_batch,
                          loss_norm=args.loss_norm, max_tokens=args.max_tokens, temperature=args.temperature,
-                         seed=args.seed)
+                         seed=args.seed, gemm=args.gemm)
         weights = parse_reward_weights(args.reward_weights)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load, save
 from dsv2.hardware import keep_freed_memory
-from dsv2.model import Transformer
+from dsv2.model import Transformer, onednn
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.losses import lm_loss
 from dsv2.train.optim import OptimConfig, StepDecay, build_optimizer, set_lr
@@ -55,6 +55,7 @@ class SFTConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    gemm: str = "auto"  # fp32 products through oneDNN ("onednn", "auto" = on x86 CPUs) or F.linear ("torch")
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, decay_at=self.decay_at,
@@ -155,6 +156,8 @@ def fit(model: Transformer, rows: Sequence[Row], cfg: SFTConfig, pad_id: int,
         raise ValueError("no training rows")
     torch.manual_seed(cfg.seed)
     model.train()
+    if onednn.wanted(cfg.gemm):
+        onednn.use_for_training_(model)
     optim_cfg = cfg.optim()
     optimizer = build_optimizer(model, optim_cfg)
     schedule = StepDecay.for_run(optim_cfg, [cfg.batch_size] * cfg.steps, cfg.seq_len)
@@ -220,13 +223,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--gemm", choices=("auto", "onednn", "torch"), default=d.gemm,
+                   help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
     p.set_defaults(func=run_sft)
 
 
 def run_sft(args: argparse.Namespace) -> int:
     keep_freed_memory()
     cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                    warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed)
+                    warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
+                    gemm=args.gemm)
     try:
         final = train_sft(args.model, args.data, args.out, cfg)
     except (FileNotFoundError, ValueError) as err:

@@ -22,7 +22,7 @@ from dsv2 import save
 from dsv2.checkpoint import load
 from dsv2.config import ModelConfig
 from dsv2.hardware import warn_if_bf16_is_slow
-from dsv2.model import Transformer
+from dsv2.model import Transformer, onednn
 from dsv2.model.moe import DeviceCapacity
 from dsv2.train import checkpoints as ckpt
 from dsv2.train.config import TrainConfig
@@ -122,6 +122,8 @@ class Trainer:
         else:
             model.init_weights(self.cfg.optim.init_std)  # N(0, 0.006) in the paper (§3.1.2)
         model.train()
+        if onednn.wanted(self.cfg.train.gemm):
+            onednn.use_for_training_(model)
         if self.cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         cf = self.cfg.moe.capacity_factor

@@ -1,0 +1,202 @@
+"""Projections through oneDNN instead of torch's default CPU GEMM.
+
+On x86 CPUs torch runs fp32 `F.linear` through MKL, whose kernels are chosen for Intel processors; on an AMD
+EPYC with AVX-512 (Zen 5) it measured ~230 GFLOP/s against oneDNN's ~560 on the same training-sized products,
+and for the few-row products of decode oneDNN with its weights pre-packed (reordered once into its blocked
+layout) was 2-6x faster (`benchmarks/gemm_library.py`). oneDNN ships inside torch's CPU build (the library
+inductor's CPU backend packs weights for), so this adds no dependency.
+
+Two uses, both applied to a built model from outside (the model code itself keeps plain `nn.Linear`):
+- training: `use_for_training_(model)` makes every projection and routed expert multiply through `linear`, an
+  autograd function whose forward and backward products are oneDNN calls on the ordinary (trainable) weights;
+- inference: `pack_for_inference_(model)` replaces projections and routed experts by packed copies
+  (`PackedLinear`, `PackedExperts`) and drops the dense weights, so the model does not hold both.
+Only fp32 goes this way: bf16 CPU products already run in oneDNN.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv2.model.moe import Experts, Routing, inference_experts
+
+# _reorder_linear_weight's batch-size hint picks the blocked layout; 32 rows was as fast as the best hint for
+# 1-256 rows on every shape of benchmarks/gemm_library.py (a hint of 1 was up to 4x slower for 4+ rows).
+_PACK_ROWS = 32
+
+
+def available(device: torch.device | str = "cpu") -> bool:
+    """oneDNN fp32 products on this device: an x86 CPU with torch's oneDNN built in."""
+    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+def wanted(choice: str, device: torch.device | str = "cpu") -> bool:
+    """A `gemm` option ('auto', 'onednn' or 'torch') -> whether to multiply through oneDNN here."""
+    if choice not in ("auto", "onednn", "torch"):
+        raise ValueError(f"gemm must be 'auto', 'onednn' or 'torch', got {choice!r}")
+    if choice == "onednn" and not available(device):
+        raise ValueError(f"gemm='onednn' needs an x86 CPU with torch's oneDNN; this is {platform.machine()} / "
+                         f"{torch.device(device)}")
+    return choice == "onednn" or (choice == "auto" and available(device))
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w.T for w (N, K), dense or packed."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN205 -- torch's Function API
+        return _mm(x, w)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:  # noqa: ANN401
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN401
+        x, w = ctx.saved_tensors
+        # Both gradients are products of the same shape family, so they go through oneDNN too:
+        # dL/dx = g @ w = linear(g, w.T); dL/dw = g.T @ x = linear(g.T, x.T).
+        grad_x = _mm(grad, w.t()) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            g_MN, x_MK = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            # oneDNN has no primitive for an empty contraction (an idle expert's zero rows)
+            grad_w = _mm(g_MN.t(), x_MK.t()) if len(x_MK) else torch.zeros_like(w)
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) without bias, through oneDNN for fp32 outside autocast (anything else: F.linear)."""
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or x.is_cuda:
+        return F.linear(x, w)
+    return _Linear.apply(x, w)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameter, same state_dict) that multiplies through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight) if self.bias is None else linear(x, self.weight) + self.bias
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """A weight (N, K) reordered into oneDNN's blocked layout: an opaque tensor only `_mm` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().float().contiguous(), _PACK_ROWS)
+
+
+class PackedLinear(nn.Module):
+    """An inference-only bias-free projection holding only its packed weight. load_state_dict repacks
+    `weight`; state_dict gives it back dense."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = pack(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mm(x, self.packed)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.packed.to_dense()
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any,  # noqa: ANN401
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        w = state_dict[key]
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: got {tuple(w.shape)}, expected "
+                              f"{(self.out_features, self.in_features)}")
+            return
+        self.packed = pack(w)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+class PackedExperts(nn.Module):
+    """Inference-only routed experts holding packed per-expert weights; same state_dict keys as Experts
+    (w13 (E, 2I, H), w2 (E, H, I)) and the same eager inference paths, multiplying through oneDNN."""
+
+    def __init__(self, experts: Experts) -> None:
+        super().__init__()
+        self.n_experts, self.hidden = experts.n_experts, experts.hidden
+        self.shapes = {"w13": tuple(experts.w13.shape), "w2": tuple(experts.w2.shape)}
+        self.w13 = [pack(w) for w in experts.w13.unbind(0)]
+        self.w2 = [pack(w) for w in experts.w2.unbind(0)]
+
+    def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if routing.kept is not None or torch.is_grad_enabled():
+            raise RuntimeError("packed experts are for inference only (no autograd, no token dropping)")
+        return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, linear=_mm)
+
+    def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
+        gate, up = _mm(x_NH, self.w13[e]).chunk(2, dim=-1)
+        return _mm(F.silu(gate) * up, self.w2[e])
+
+    forward_loop = Experts.forward_loop
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for name in self.shapes:
+            destination[prefix + name] = torch.stack([w.to_dense() for w in getattr(self, name)])
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any,  # noqa: ANN401
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        for name, shape in self.shapes.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif tuple(state_dict[key].shape) != shape:
+                error_msgs.append(f"size mismatch for {key}: got {tuple(state_dict[key].shape)}, expected {shape}")
+            else:
+                setattr(self, name, [pack(w) for w in state_dict[key].unbind(0)])
+
+
+def _replace(model: nn.Module, swap: Any) -> None:  # noqa: ANN401
+    """Replace every submodule for which swap(name, module) returns a module."""
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            new = swap(name, child)
+            if new is not None:
+                setattr(parent, child_name, new)
+
+
+def pack_for_inference_(model: nn.Module) -> None:
+    """Pack every fp32 bias-free projection but the attention's wkv_b (the absorbed decode views it per head)
+    and every routed-expert stack; the model becomes inference-only."""
+
+    def swap(name: str, m: nn.Module) -> nn.Module | None:
+        if isinstance(m, nn.Linear) and m.bias is None and m.weight.dtype == torch.float32 \
+                and not name.endswith("wkv_b"):
+            return PackedLinear(m.weight)
+        if isinstance(m, Experts) and m.w13.dtype == torch.float32:
+            return PackedExperts(m)
+        return None
+
+    with torch.no_grad():
+        _replace(model, swap)
+
+
+def use_for_training_(model: nn.Module) -> None:
+    """Make every projection and routed expert multiply through `linear`; parameters (and so state_dict,
+    optimizer state, FSDP sharding) stay exactly as they are."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear  # the same object, parameters and hooks; only forward changes
+        elif isinstance(m, Experts):
+            m.linear = linear

@@ -7,9 +7,10 @@ The same ~100M-parameter DeepSeek-V2-shaped model as benchmarks/forward.py, fp32
       transformers one request at a time and transformers' left-padded batch `generate`;
   (c) cache bytes per token: the engine's latent cache against transformers' DynamicCache after a run.
 With --compile the engine decodes small batches through torch.compile (LLM(compile=True)); the warm-up run
-before the timed ones absorbs the compilation.
+before the timed ones absorbs the compilation. --gemm torch keeps the engine's products on F.linear (the default,
+auto, packs its weights for oneDNN on x86 CPUs unless compiling; see dsv2.model.onednn).
 
-    python benchmarks/generate.py [--reps 3] [--requests 32] [--new-tokens 128]
+    python benchmarks/generate.py [--reps 3] [--requests 32] [--new-tokens 128] [--gemm auto|onednn|torch]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import DeepseekV2ForCausalLM
 from forward import CFG  # run as `python benchmarks/generate.py`: benchmarks/ is on sys.path
 from dsv2 import Transformer, save
 from dsv2.infer import LLM, SamplingParams
+from dsv2.model.onednn import PackedLinear
 
 BENCH_CFG = CFG.replace(bos_token_id=None, eos_token_id=None)
 
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-gemv-layout", action="store_true", help="keep row-major weights (for comparison)")
     ap.add_argument("--compile", action="store_true", help="LLM(compile=True): compiled decode of small batches")
+    ap.add_argument("--gemm", choices=["auto", "onednn", "torch"], default="auto", help="the engine's products")
     ap.add_argument("--cases", default="batch1,serial,padded", help="comma-separated subset to run")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -77,13 +80,14 @@ def main() -> None:
         save(model, d)
         ref = DeepseekV2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         llm = LLM(d, dtype=torch.float32, max_cache_tokens=args.requests * (256 + new + 16), max_num_seqs=64,
-                  gemv_layout=not args.no_gemv_layout, compile=args.compile)
+                  gemv_layout=not args.no_gemv_layout, compile=args.compile, gemm=args.gemm)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     one = [rng.randrange(BENCH_CFG.vocab_size) for _ in range(16)]
     prompts = [[rng.randrange(BENCH_CFG.vocab_size) for _ in range(rng.randint(8, 256))] for _ in range(args.requests)]
     total = new * len(prompts)
     print(f"# {BENCH_CFG.num_params() / 1e6:.1f}M params, fp32, {torch.get_num_threads()} threads, "
-          f"{new} new tokens per request, medians of {args.reps}, gemv layout {not args.no_gemv_layout}, compile {args.compile}")
+          f"{new} new tokens per request, medians of {args.reps}, gemv layout {not args.no_gemv_layout}, compile {args.compile}, "
+          f"oneDNN-packed weights {isinstance(llm.model.head, PackedLinear)}")
     print("| case | dsv2 tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")
     cases = args.cases.split(",")

@@ -8,7 +8,10 @@ alternate between the two models so drift in machine load hits both alike; we re
 the ratio.
 
     python benchmarks/train.py [--reps 5] [--batch 4] [--seq 256] [--threads N] [--only tiny|100m] [--profile]
-                               [--fused-baseline] [--keep-freed-memory]
+                               [--fused-baseline] [--keep-freed-memory] [--gemm auto|onednn|torch]
+
+dsv2's side multiplies as `dsv2 train` does by default (--gemm auto: through oneDNN on x86 CPUs, see
+dsv2.model.onednn); --gemm torch gives it F.linear, the library transformers' side always uses.
 
 --profile also runs one profiled step of each side and prints the time in matrix products (aten::mm, bmm,
 addmm, baddbmm; self time, which includes the BLAS call) and the bound it puts on the ratio: if dsv2 spent
@@ -34,7 +37,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from dsv2 import ModelConfig, load
 from dsv2.hardware import keep_freed_memory
-from dsv2.train.losses import lm_loss
+from dsv2.model import onednn
 from dsv2.train.optim import OptimConfig, build_optimizer
 
 
@@ -56,7 +59,7 @@ def step_fn(model: torch.nn.Module, ids: torch.Tensor, ours: bool, fused_baselin
 
     def step() -> float:
         if ours:
-            loss = lm_loss(model(inputs), targets)
+            loss = model(inputs, labels=targets)  # as dsv2 train: lm_head + cross-entropy in chunks
         else:
             logits = model(inputs).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -68,7 +71,7 @@ def step_fn(model: torch.nn.Module, ids: torch.Tensor, ours: bool, fused_baselin
     return step
 
 
-GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
 def profiled_ms(fn: Callable[[], float]) -> tuple[float, float]:
@@ -84,12 +87,14 @@ def profiled_ms(fn: Callable[[], float]) -> tuple[float, float]:
 
 
 def bench(name: str, cfg: ModelConfig, batch: int, seq: int, reps: int, profile: bool = False,
-          fused_baseline: bool = False) -> None:
+          fused_baseline: bool = False, gemm: str = "auto") -> None:
     torch.manual_seed(0)
     ref = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg.to_hf())).train()
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = load(d, dtype=torch.float32).train()
+    if onednn.wanted(gemm):
+        onednn.use_for_training_(ours)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     run_ours, run_ref = step_fn(ours, ids, ours=True), step_fn(ref, ids, ours=False, fused_baseline=fused_baseline)
     first_ours, first_ref = run_ours(), run_ref()  # warm-up; same weights, so the same first loss
@@ -120,6 +125,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["tiny", "100m"], default=None)
     ap.add_argument("--profile", action="store_true", help="also report time in matrix products (one step each)")
     ap.add_argument("--fused-baseline", action="store_true", help="give transformers' side fused AdamW too")
+    ap.add_argument("--gemm", choices=["auto", "onednn", "torch"], default="auto",
+                    help="dsv2's products: oneDNN (auto: on x86 CPUs) or F.linear")
     ap.add_argument("--keep-freed-memory", action="store_true", help="apply dsv2.hardware.keep_freed_memory() "
                     "first, as `dsv2 train` does; process-wide, so both sides run with it")
     args = ap.parse_args()
@@ -130,6 +137,7 @@ def main() -> None:
     configs = {"tiny": ModelConfig.preset("tiny"), "100m": _config_100m()}
     adamw = "fused AdamW on both sides" if args.fused_baseline else "dsv2 fused AdamW, transformers default AdamW"
     adamw += ", freed memory kept (both sides)" if args.keep_freed_memory else ""
+    adamw += f", dsv2 GEMMs via {'oneDNN' if onednn.wanted(args.gemm) else 'F.linear'}"
     print(f"# training step (fwd + CE + bwd + AdamW), {adamw}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"medians of {args.reps}")
@@ -137,7 +145,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, cfg in configs.items():
         if args.only in (None, name):
-            bench(name, cfg, args.batch, args.seq, args.reps, args.profile, args.fused_baseline)
+            bench(name, cfg, args.batch, args.seq, args.reps, args.profile, args.fused_baseline, args.gemm)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dsv2 import Transformer
 from dsv2.model.moe import Router, Routing
 from dsv2.train.losses import (
     BalanceCoefficients,
@@ -138,3 +139,34 @@ def test_lm_loss_ignores_masked_targets() -> None:
     terms = [-logits[b, t].log_softmax(-1)[targets[b, t]].item()
              for b in range(2) for t in range(3) if targets[b, t] != -100]
     assert lm_loss(logits, targets).item() == pytest.approx(math.fsum(terms) / len(terms), rel=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [7, 5000])  # one chunk; many chunks of 419 rows (2**21 // 5000)
+def test_chunked_head_cross_entropy_matches_full_logits(vocab: int) -> None:
+    """dsv2.model.loss against F.cross_entropy on the whole logits: the loss and both gradients, with ignored
+    positions, across chunk boundaries; and through Transformer(labels=...)."""
+    from dsv2.model import onednn
+    from dsv2.model.loss import head_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 700, 16, generator=g, requires_grad=True)
+    w = (torch.randn(vocab, 16, generator=g) * 0.3).requires_grad_()
+    labels = torch.randint(0, vocab, (3, 700), generator=g)
+    labels[0, :300] = -100
+    labels[2, 650:] = -100
+    products = [torch.nn.functional.linear] + ([onednn.mm] if onednn.available() else [])
+    want = torch.nn.functional.cross_entropy((h @ w.T).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    want_h, want_w = torch.autograd.grad(want * 3.0, (h, w))
+    for mm in products:
+        got = head_cross_entropy(h, w, labels, mm)
+        got_h, got_w = torch.autograd.grad(got * 3.0, (h, w))  # the upstream gradient scales both
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.allclose(got_h, want_h, atol=1e-6, rtol=1e-4) and torch.allclose(got_w, want_w, atol=1e-6,
+                                                                                       rtol=1e-4)
+        with torch.no_grad():
+            assert head_cross_entropy(h, w, labels, mm).item() == pytest.approx(want.item(), rel=1e-5)
+
+    model = randomize_(Transformer(small_config()), seed=2)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=g)
+    targets = ids.roll(-1, dims=1)
+    assert model(ids, labels=targets).item() == pytest.approx(lm_loss(model(ids), targets).item(), rel=1e-5)

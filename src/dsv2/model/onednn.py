@@ -47,7 +47,7 @@ def wanted(choice: str, device: torch.device | str = "cpu") -> bool:
     return choice == "onednn" or (choice == "auto" and available(device))
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ w.T for w (N, K), dense or packed."""
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
 
@@ -55,7 +55,7 @@ def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN205 -- torch's Function API
-        return _mm(x, w)
+        return mm(x, w)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:  # noqa: ANN401
@@ -66,12 +66,12 @@ class _Linear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         # Both gradients are products of the same shape family, so they go through oneDNN too:
         # dL/dx = g @ w = linear(g, w.T); dL/dw = g.T @ x = linear(g.T, x.T).
-        grad_x = _mm(grad, w.t()) if ctx.needs_input_grad[0] else None
+        grad_x = mm(grad, w.t()) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             g_MN, x_MK = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
             # oneDNN has no primitive for an empty contraction (an idle expert's zero rows)
-            grad_w = _mm(g_MN.t(), x_MK.t()) if len(x_MK) else torch.zeros_like(w)
+            grad_w = mm(g_MN.t(), x_MK.t()) if len(x_MK) else torch.zeros_like(w)
         return grad_x, grad_w
 
 
@@ -90,7 +90,7 @@ class Linear(nn.Linear):
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """A weight (N, K) reordered into oneDNN's blocked layout: an opaque tensor only `_mm` reads."""
+    """A weight (N, K) reordered into oneDNN's blocked layout: an opaque tensor only `mm` reads."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().float().contiguous(), _PACK_ROWS)
 
 
@@ -104,7 +104,7 @@ class PackedLinear(nn.Module):
         self.packed = pack(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _mm(x, self.packed)
+        return mm(x, self.packed)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.packed.to_dense()
@@ -141,11 +141,11 @@ class PackedExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         if routing.kept is not None or torch.is_grad_enabled():
             raise RuntimeError("packed experts are for inference only (no autograd, no token dropping)")
-        return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, linear=_mm)
+        return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, linear=mm)
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
-        gate, up = _mm(x_NH, self.w13[e]).chunk(2, dim=-1)
-        return _mm(F.silu(gate) * up, self.w2[e])
+        gate, up = mm(x_NH, self.w13[e]).chunk(2, dim=-1)
+        return mm(F.silu(gate) * up, self.w2[e])
 
     forward_loop = Experts.forward_loop
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
+from dsv2.model import onednn
+from dsv2.model.loss import IGNORE_INDEX, head_cross_entropy
 from dsv2.model.mla import MLA, AttentionCache
 from dsv2.model.moe import MoE, Routing
 from dsv2.model.norm import MLP, RMSNorm
@@ -80,8 +83,9 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: AttentionCache | None = None,
         routing_out: list[Routing] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab) in fp32.
+        """input_ids (B, T) -> logits (B, T, vocab) in fp32; with labels, the mean cross-entropy instead.
 
         positions: (B, T) or (T,); default start..start+T-1 where start is the cache length (or 0).
         attention_mask: (B, T) with 1 for real tokens and 0 for padding (left or right), as in transformers.
@@ -89,8 +93,17 @@ class Transformer(nn.Module):
         AttentionCache, such as the engine's paged cache, which then also needs explicit positions.
         routing_out: if given, each MoE layer appends its Routing (scores, chosen experts, weights) in
         layer order -- what the balance losses and load statistics read.
+        labels: (B, T) the token each position should predict (already shifted; -100 = no loss there): returns
+        the mean next-token cross-entropy (0-dim fp32), computed with lm_head in chunks of positions so that the
+        (B, T, vocab) logits and their gradient are never held whole (dsv2.model.loss).
         """
-        return self.logits(self.hidden_states(input_ids, positions, attention_mask, cache, routing_out))
+        hidden = self.hidden_states(input_ids, positions, attention_mask, cache, routing_out)
+        if labels is None:
+            return self.logits(hidden)
+        if torch.is_autocast_enabled(hidden.device.type):  # autocast decides the head's dtype: let it
+            return F.cross_entropy(self.logits(hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        mm = onednn.mm if isinstance(self.head, onednn.Linear) else F.linear
+        return head_cross_entropy(hidden, self.head.weight, labels, mm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head on (..., H) final hidden states -> fp32 logits (prefill needs only the last position's)."""

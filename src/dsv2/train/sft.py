@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load, save
 from dsv2.hardware import keep_freed_memory
 from dsv2.model import Transformer, onednn
 from dsv2.tokenizer import Tokenizer
-from dsv2.train.losses import lm_loss
 from dsv2.train.optim import OptimConfig, StepDecay, build_optimizer, set_lr
 from dsv2.train.tasks import read_jsonl
 
@@ -145,8 +145,9 @@ def sft_loss(model: Transformer, ids_BT: torch.Tensor, labels_BT: torch.Tensor, 
              ) -> torch.Tensor:
     """Mean cross-entropy over the labelled (assistant) tokens of the batch: token-weighted, so a long answer
     counts in proportion to its tokens."""
-    logits = model(ids_BT, attention_mask=attn_BT)
-    return lm_loss(logits[:, :-1], labels_BT[:, 1:], IGNORE_INDEX)
+    # position t predicts token t + 1; the last position predicts nothing
+    shifted = F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return model(ids_BT, attention_mask=attn_BT, labels=shifted)
 
 
 def fit(model: Transformer, rows: Sequence[Row], cfg: SFTConfig, pad_id: int,

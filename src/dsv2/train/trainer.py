@@ -28,7 +28,7 @@ from dsv2.train import checkpoints as ckpt
 from dsv2.train.config import TrainConfig
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.data import BlockLoader, TokenFile, load_tokenizer, tokenize_to_file
-from dsv2.train.losses import balance_losses, lm_loss
+from dsv2.train.losses import balance_losses
 from dsv2.train.metrics import MetricsLog, StepStats
 from dsv2.train.optim import BatchSchedule, StepDecay, build_optimizer, set_lr
 from dsv2.train.parallel import Distributed, Local, apply_activation_checkpointing, from_torchrun, local_tensor
@@ -171,8 +171,8 @@ class Trainer:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.autocast == "bfloat16")
         with protect_sequences(self.model, protected):
             with autocast, record_routing(self.model) as routings:
-                logits = self.model(inputs)
-            losses = {"lm_loss": lm_loss(logits, targets)}
+                lm = self.model(inputs, labels=targets)  # head + cross-entropy in chunks (dsv2.model.loss)
+            losses = {"lm_loss": lm}
             losses |= balance_losses(routings, len(ids), self.cfg.moe.coefficients, *self.devices)
             loss = sum(losses.values())
             (loss / n_micro).backward()

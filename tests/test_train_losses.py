@@ -141,12 +141,14 @@ def test_lm_loss_ignores_masked_targets() -> None:
     assert lm_loss(logits, targets).item() == pytest.approx(math.fsum(terms) / len(terms), rel=1e-6)
 
 
-@pytest.mark.parametrize("vocab", [7, 5000])  # one chunk; many chunks of 419 rows (2**21 // 5000)
-def test_chunked_head_cross_entropy_matches_full_logits(vocab: int) -> None:
+@pytest.mark.parametrize("vocab", [7, 5000])  # one chunk; with 2**21 logits per chunk, 419 rows each
+def test_chunked_head_cross_entropy_matches_full_logits(vocab: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """dsv2.model.loss against F.cross_entropy on the whole logits: the loss and both gradients, with ignored
     positions, across chunk boundaries; and through Transformer(labels=...)."""
-    from dsv2.model import onednn
+    from dsv2.model import loss, onednn
     from dsv2.model.loss import head_cross_entropy
+
+    monkeypatch.setattr(loss, "_CHUNK_ELEMENTS", 1 << 21)
 
     g = torch.Generator().manual_seed(1)
     h = torch.randn(3, 700, 16, generator=g, requires_grad=True)

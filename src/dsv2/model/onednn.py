@@ -1,9 +1,10 @@
 """Projections through oneDNN instead of torch's default CPU GEMM.
 
 On x86 CPUs torch runs fp32 `F.linear` through MKL, whose kernels are chosen for Intel processors; on an AMD
-EPYC with AVX-512 (Zen 5) it measured ~230 GFLOP/s against oneDNN's ~560 on the same training-sized products,
-and for the few-row products of decode oneDNN with its weights pre-packed (reordered once into its blocked
-layout) was 2-6x faster (`benchmarks/gemm_library.py`). oneDNN ships inside torch's CPU build (the library
+EPYC with AVX-512 (Zen 5) oneDNN ran the same training-sized products 1.4-2.3x faster, and the few-row products
+of batched decode, with its weights packed once (reordered into its blocked layout), 1.6-3.9x faster
+(`benchmarks/gemm_library.py`; one-row products of small matrices are the exception, slower by a fixed
+~15 us per call). oneDNN ships inside torch's CPU build (the library
 inductor's CPU backend packs weights for), so this adds no dependency.
 
 Two uses, both applied to a built model from outside (the model code itself keeps plain `nn.Linear`):

@@ -4,8 +4,8 @@ On x86 CPUs torch runs fp32 `F.linear` through MKL, whose kernels are chosen for
 EPYC with AVX-512 (Zen 5) oneDNN ran the same training-sized products 1.4-2.3x faster, and the few-row products
 of batched decode, with its weights packed once (reordered into its blocked layout), 1.6-3.9x faster
 (`benchmarks/gemm_library.py`; one-row products of small matrices are the exception, slower by a fixed
-~15 us per call). oneDNN ships inside torch's CPU build (the library
-inductor's CPU backend packs weights for), so this adds no dependency.
+~15 us per call). oneDNN ships inside torch's CPU build (it is what inductor's CPU backend packs weights for),
+so this adds no dependency.
 
 Two uses, both applied to a built model from outside (the model code itself keeps plain `nn.Linear`):
 - training: `use_for_training_(model)` makes every projection and routed expert multiply through `linear`, an
@@ -27,8 +27,9 @@ from torch import nn
 
 from dsv2.model.moe import Experts, Routing, inference_experts
 
-# _reorder_linear_weight's batch-size hint picks the blocked layout; 32 rows was as fast as the best hint for
-# 1-256 rows on every shape of benchmarks/gemm_library.py (a hint of 1 was up to 4x slower for 4+ rows).
+# _reorder_linear_weight's batch-size hint picks the blocked layout. In an ad-hoc timing of three of
+# benchmarks/gemm_library.py's shapes (512 x 512, 512 x 16,384, 512 x 32,000) at 1-256 rows, 32 was as fast as
+# the best hint everywhere; a hint of 1 was up to 4x slower for 4 or more rows.
 _PACK_ROWS = 32
 
 

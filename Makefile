@@ -24,6 +24,7 @@ bench: install
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/generate.py --compile --cases batch1,serial
 	$(PY) benchmarks/gemm_dtype.py
+	$(PY) benchmarks/gemm_library.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/train.py

@@ -28,6 +28,7 @@ from transformers import DeepseekV2ForCausalLM
 from forward import CFG  # run as `python benchmarks/generate.py`: benchmarks/ is on sys.path
 from dsv2 import Transformer, save
 from dsv2.infer import LLM, SamplingParams
+from dsv2.model import onednn
 from dsv2.model.onednn import PackedLinear
 
 BENCH_CFG = CFG.replace(bos_token_id=None, eos_token_id=None)
@@ -69,7 +70,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-gemv-layout", action="store_true", help="keep row-major weights (for comparison)")
     ap.add_argument("--compile", action="store_true", help="LLM(compile=True): compiled decode of small batches")
-    ap.add_argument("--gemm", choices=["auto", "onednn", "torch"], default="auto", help="the engine's products")
+    ap.add_argument("--gemm", choices=onednn.CHOICES, default="auto", help="the engine's products")
     ap.add_argument("--cases", default="batch1,serial,padded", help="comma-separated subset to run")
     args = ap.parse_args()
     torch.manual_seed(0)

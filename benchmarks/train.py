@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["tiny", "100m"], default=None)
     ap.add_argument("--profile", action="store_true", help="also report time in matrix products (one step each)")
     ap.add_argument("--fused-baseline", action="store_true", help="give transformers' side fused AdamW too")
-    ap.add_argument("--gemm", choices=["auto", "onednn", "torch"], default="auto",
+    ap.add_argument("--gemm", choices=onednn.CHOICES, default="auto",
                     help="dsv2's products: oneDNN (auto: on x86 CPUs) or F.linear")
     ap.add_argument("--keep-freed-memory", action="store_true", help="apply dsv2.hardware.keep_freed_memory() "
                     "first, as `dsv2 train` does; process-wide, so both sides run with it")

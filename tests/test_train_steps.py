@@ -10,7 +10,7 @@ import torch
 
 from dsv2 import Transformer
 from dsv2.model.moe import DeviceCapacity
-from dsv2.train.losses import BalanceCoefficients, balance_losses, lm_loss
+from dsv2.train.losses import BalanceCoefficients, balance_losses
 from dsv2.train.parallel import apply_activation_checkpointing, unwrapped_state_dict
 from dsv2.train.plot import plot_run
 from dsv2.train.routing import protect_sequences, record_routing, set_dropping
@@ -24,8 +24,8 @@ def step_grads(model: torch.nn.Module, ids: torch.Tensor, autocast: bool = False
     model.zero_grad(set_to_none=True)
     with protect_sequences(model, torch.tensor([True, False, False])):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), record_routing(model) as routings:
-            logits = model(ids[:, :-1])
-        loss = lm_loss(logits, ids[:, 1:]) + sum(balance_losses(routings, 3, COEFFS, 4, 2).values())
+            lm = model(ids[:, :-1], labels=ids[:, 1:])
+        loss = lm + sum(balance_losses(routings, 3, COEFFS, 4, 2).values())
         loss.backward()
     names = {id(p): n.replace(".block.", ".") for n, p in model.named_parameters()}
     return loss.item(), len(routings), {names[id(p)]: p.grad for p in model.parameters()}

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from dsv2.model import onednn
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="complete a prompt with a model, streaming the output")
@@ -39,12 +41,9 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through a torch.compile'd model (faster per token; the first "
                         "decodes wait for compilation, about a minute for a 100M-parameter model on CPU)")
-    add_gemm_arg(p, "fp32 products: 'onednn' with weights packed once, 'torch' (F.linear), 'auto' = oneDNN on x86 "
-                    "CPUs unless --compile")
-
-
-def add_gemm_arg(p: argparse.ArgumentParser, help: str) -> None:  # noqa: A002 -- argparse's own name
-    p.add_argument("--gemm", choices=("auto", "onednn", "torch"), default="auto", help=help)
+    p.add_argument("--gemm", choices=onednn.CHOICES, default="auto",
+                   help="fp32 products: 'onednn' with weights packed once, 'torch' (F.linear), 'auto' = oneDNN on "
+                        "x86 CPUs unless --compile")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

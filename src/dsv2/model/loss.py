@@ -1,9 +1,9 @@
 """lm_head and next-token cross-entropy together, in chunks of rows.
 
 Computing all (N, V) logits, then log-softmax, then its backward materialises three N x V fp32 tensors (131 MB
-each for 1,024 tokens of a 32,000-token vocabulary) and walks each of them in memory several times: in a
-profiled CPU training step of benchmarks/train.py's 135M model the log-softmax backward alone took 10% of the
-step. Here each chunk's logits are made, turned into the loss and, while still in cache, into their gradient
+each for 1,024 tokens of a 32,000-token vocabulary) and walks each of them in memory several times: in an
+ad-hoc torch.profiler run of two training steps of benchmarks/train.py's 135M model the log-softmax backward
+alone took 9% of the time. Here each chunk's logits are made, turned into the loss and, while still in cache, into their gradient
 softmax - onehot, which goes straight into the hidden states' and the head's gradients (as Liger-Kernel's fused
 linear cross-entropy does on GPUs). Backward then only scales the saved gradients.
 """

@@ -229,9 +229,9 @@ def _sorted_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: to
 def inference_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                       w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor], linear: Linear = F.linear
                       ) -> torch.Tensor:
-    """Without autograd or dropping; w13[e], w2[e] are expert e's weights (stacked, or packed ones in a list). Decode-sized batches (at most one assignment per expert on average): each
-    assignment is one matrix-vector chain on its expert's weights, with none of the sorting, counting and
-    regrouping that pays off for many tokens. The K outputs of a token are summed in ascending expert order,
+    """Without autograd or dropping; w13[e], w2[e] are expert e's weights (stacked, or packed ones in a list).
+    Decode-sized batches (at most one assignment per expert on average): each assignment is one matrix-vector
+    chain on its expert's weights, with none of the sorting, counting and regrouping that pays off for many tokens. The K outputs of a token are summed in ascending expert order,
     the order the grouped path's index_add_ uses, so for one token (batch-1 decode) both give the same bits."""
     T, K = indices_TK.shape
     if T * K > len(w13):

@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv2.model.moe import Experts, Routing, inference_experts
+from dsv2.model.moe import Experts, Routing, inference_experts, swiglu
 
 # _reorder_linear_weight's batch-size hint picks the blocked layout. In an ad-hoc timing of three of
 # benchmarks/gemm_library.py's shapes (512 x 512, 512 x 16,384, 512 x 32,000) at 1-256 rows, 32 was as fast as
 # the best hint everywhere; a hint of 1 was up to 4x slower for 4 or more rows.
 _PACK_ROWS = 32
+
+CHOICES = ("auto", "onednn", "torch")  # the `gemm` option of the engine, the commands and the recipes
 
 
 def available(device: torch.device | str = "cpu") -> bool:
@@ -41,8 +43,8 @@ def available(device: torch.device | str = "cpu") -> bool:
 
 def wanted(choice: str, device: torch.device | str = "cpu") -> bool:
     """A `gemm` option ('auto', 'onednn' or 'torch') -> whether to multiply through oneDNN here."""
-    if choice not in ("auto", "onednn", "torch"):
-        raise ValueError(f"gemm must be 'auto', 'onednn' or 'torch', got {choice!r}")
+    if choice not in CHOICES:
+        raise ValueError(f"gemm must be one of {CHOICES}, got {choice!r}")
     if choice == "onednn" and not available(device):
         raise ValueError(f"gemm='onednn' needs an x86 CPU with torch's oneDNN; this is {platform.machine()} / "
                          f"{torch.device(device)}")
@@ -88,7 +90,8 @@ class Linear(nn.Linear):
     """nn.Linear (same parameter, same state_dict) that multiplies through `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight) if self.bias is None else linear(x, self.weight) + self.bias
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
@@ -114,16 +117,9 @@ class PackedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any,  # noqa: ANN401
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
-        key = prefix + "weight"
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        w = state_dict[key]
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"size mismatch for {key}: got {tuple(w.shape)}, expected "
-                              f"{(self.out_features, self.in_features)}")
-            return
-        self.packed = pack(w)
+        w = _checked(state_dict, prefix + "weight", (self.out_features, self.in_features), missing_keys, error_msgs)
+        if w is not None:
+            self.packed = pack(w)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
@@ -146,8 +142,7 @@ class PackedExperts(nn.Module):
         return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, linear=mm)
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
-        gate, up = mm(x_NH, self.w13[e]).chunk(2, dim=-1)
-        return mm(F.silu(gate) * up, self.w2[e])
+        return swiglu(x_NH, self.w13[e], self.w2[e], mm)
 
     forward_loop = Experts.forward_loop
 
@@ -159,13 +154,22 @@ class PackedExperts(nn.Module):
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
         for name, shape in self.shapes.items():
-            key = prefix + name
-            if key not in state_dict:
-                missing_keys.append(key)
-            elif tuple(state_dict[key].shape) != shape:
-                error_msgs.append(f"size mismatch for {key}: got {tuple(state_dict[key].shape)}, expected {shape}")
-            else:
-                setattr(self, name, [pack(w) for w in state_dict[key].unbind(0)])
+            w = _checked(state_dict, prefix + name, shape, missing_keys, error_msgs)
+            if w is not None:
+                setattr(self, name, [pack(w_e) for w_e in w.unbind(0)])
+
+
+def _checked(state_dict: Mapping[str, Any], key: str, shape: tuple[int, ...], missing_keys: list[str],
+             error_msgs: list[str]) -> torch.Tensor | None:
+    """state_dict[key] if present with this shape, else None with the miss or mismatch recorded as
+    nn.Module.load_state_dict reports them."""
+    if key not in state_dict:
+        missing_keys.append(key)
+        return None
+    if tuple(state_dict[key].shape) != tuple(shape):
+        error_msgs.append(f"size mismatch for {key}: got {tuple(state_dict[key].shape)}, expected {tuple(shape)}")
+        return None
+    return state_dict[key]
 
 
 def _replace(model: nn.Module, swap: Any) -> None:  # noqa: ANN401

@@ -100,7 +100,8 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(input_ids, positions, attention_mask, cache, routing_out)
         if labels is None:
             return self.logits(hidden)
-        if torch.is_autocast_enabled(hidden.device.type):  # autocast decides the head's dtype: let it
+        # Under autocast, autocast decides the head's dtype; a packed head (an inference model) has no dense weight.
+        if torch.is_autocast_enabled(hidden.device.type) or not isinstance(self.head, nn.Linear):
             return F.cross_entropy(self.logits(hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         mm = onednn.mm if isinstance(self.head, onednn.Linear) else F.linear
         return head_cross_entropy(hidden, self.head.weight, labels, mm)

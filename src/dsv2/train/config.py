@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv2.config import ModelConfig
+from dsv2.model.onednn import CHOICES as GEMM_CHOICES
 from dsv2.train.losses import BalanceCoefficients
 from dsv2.train.optim import OptimConfig
 
@@ -56,8 +57,7 @@ class RunConfig:
         _check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
                f"{self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         _check(self.autocast in ("none", "bfloat16"), "train.autocast", f"'none' or 'bfloat16', got {self.autocast!r}")
-        _check(self.gemm in ("auto", "onednn", "torch"), "train.gemm",
-               f"'auto', 'onednn' or 'torch', got {self.gemm!r}")
+        _check(self.gemm in GEMM_CHOICES, "train.gemm", f"one of {GEMM_CHOICES}, got {self.gemm!r}")
         ramp = self.batch_ramp_start
         _check(ramp is None or 0 < ramp <= self.batch_size, "train.batch_ramp_start",
                f"must be in [1, batch_size={self.batch_size}], got {ramp}")

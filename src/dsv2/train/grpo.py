@@ -66,7 +66,7 @@ class GRPOConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.loss_norm in LOSS_NORMS, "loss_norm", f"must be one of {LOSS_NORMS}")
         _check(self.temperature > 0, "temperature", "must be > 0 (GRPO needs diverse samples)")
-        _check(self.gemm in ("auto", "onednn", "torch"), "gemm", "must be 'auto', 'onednn' or 'torch'")
+        _check(self.gemm in onednn.CHOICES, "gemm", f"must be one of {onednn.CHOICES}")
 
 
 def _check(ok: bool, name: str, reason: str) -> None:
@@ -373,7 +373,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="completion length limit")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--gemm", choices=("auto", "onednn", "torch"), default=d.gemm, help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
+    p.add_argument("--gemm", choices=onednn.CHOICES, default=d.gemm,
+                   help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
     p.set_defaults(func=run_grpo)
 
 

@@ -1,4 +1,4 @@
-"""Training losses: LM cross-entropy and DeepSeek-V2's three sequence-wise balance losses (§2.2.3).
+"""Training losses: DeepSeek-V2's three sequence-wise balance losses (§2.2.3).
 
 Notation of the paper: N_r routed experts, K_r chosen per token, T tokens *of one sequence*, D devices
 E_1..E_D (contiguous blocks of N_r / D experts; the EP ranks when experts are sharded), M the device limit,
@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dsv2.model.moe import Routing
 
@@ -33,11 +32,6 @@ class BalanceCoefficients:
         for name in ("expert", "device", "communication"):
             if getattr(self, name) < 0:
                 raise ValueError(f"balance coefficient {name!r} must be >= 0, got {getattr(self, name)}")
-
-
-def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets that are not ignore_index (targets already shifted)."""
-    return F.cross_entropy(logits_BSV.flatten(0, -2).float(), targets_BS.flatten(), ignore_index=ignore_index)
 
 
 def selection_fraction(indices_BSK: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from dsv2.checkpoint import load, save
 from dsv2.hardware import keep_freed_memory
 from dsv2.model import Transformer, onednn
+from dsv2.model.loss import IGNORE_INDEX
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.optim import OptimConfig, StepDecay, build_optimizer, set_lr
 from dsv2.train.tasks import read_jsonl
 
-IGNORE_INDEX = -100
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _SORT_CHUNK = 8  # batches per length-sorted chunk: little padding, yet batches still vary in their mix
 
@@ -224,7 +224,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--gemm", choices=("auto", "onednn", "torch"), default=d.gemm,
+    p.add_argument("--gemm", choices=onednn.CHOICES, default=d.gemm,
                    help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
     p.set_defaults(func=run_sft)
 

@@ -38,7 +38,7 @@ def _loss_and_grads(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: torch.Tens
     safe_N = labels_N.clamp(min=0)  # ignored rows point at token 0 and are masked out below
     total = torch.zeros((), dtype=torch.float32, device=h_NH.device)
     grad_h = torch.empty_like(h_NH) if grads else None
-    grad_w = torch.zeros_like(w_VH) if grads else None
+    grad_w = None
     for rows in _chunks(h_NH.shape[0], w_VH.shape[0]):
         h_CH, y_C, keep_C = h_NH[rows], safe_N[rows], valid_N[rows]
         logits_CV = mm(h_CH, w_VH).float()
@@ -52,7 +52,10 @@ def _loss_and_grads(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: torch.Tens
             p_CV.mul_((keep_C / n_valid)[:, None])
             p_CV = p_CV.to(h_NH.dtype)
             grad_h[rows] = mm(p_CV, w_VH.t())  # p @ W
-            grad_w += mm(p_CV.t(), h_CH.t())  # p.T @ h
+            grad_w_chunk = mm(p_CV.t(), h_CH.t())  # p.T @ h
+            grad_w = grad_w_chunk if grad_w is None else grad_w.add_(grad_w_chunk)
+    if grads and grad_w is None:  # no rows at all
+        grad_w = torch.zeros_like(w_VH)
     return total / n_valid, grad_h, grad_w
 
 

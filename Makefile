@@ -29,7 +29,8 @@ bench: install
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/train.py
 
-# The whole recipe on this machine (about 2 hours on 2 cores: 94 min of pretraining, 20 for the rest):
+# The whole recipe on this machine class (45 minutes on a 2-core Zen 5 with today's code; about 2 hours on the machine
+# that made the shipped model):
 # corpus -> BPE + pretraining -> SFT -> GRPO, each stage evaluated on the held-out splits
 # (runs/tiny/eval-*.json). `make ship` then copies the final model into the package as the default model.
 TINY ?= runs/tiny

@@ -61,8 +61,8 @@ def test_grouped_experts_equal_loop_reference(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("gemm", ["torch", "onednn"])
 @pytest.mark.parametrize("n_tokens", [3, 40])
-def test_training_experts_backward_equals_autograd_of_loop_reference(gemm: str, n_tokens: int) -> None:
-    # The hand-written backward of the training path against autograd through the per-expert loop: the
+def test_training_experts_equal_loop_reference_with_dropping(gemm: str, n_tokens: int) -> None:
+    # The training path (grouped over the kept pairs) against autograd through the per-expert loop: the
     # output and the gradients of the input, both expert stacks and the router, with token dropping on (so
     # some assignments are skipped) and, at 3 tokens x 4 slots < 16 experts, experts that get no rows.
     if gemm == "onednn" and not onednn.available():

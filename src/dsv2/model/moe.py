@@ -16,11 +16,10 @@ Device-level token dropping (§2.2.4) is a training-time policy set on `MoE.drop
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -176,11 +175,8 @@ class Experts(nn.Module):
                     return self._forward_gathered(x_TH, routing)
                 return routed_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2)
             return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, self.linear)
-        pair = kept_pairs(routing)
-        if torch.is_autocast_enabled(x_TH.device.type) or not x_TH.dtype == self.w13.dtype == self.w2.dtype:
-            return _sorted_experts(x_TH, routing.indices, routing.weights, pair, self.w13.unbind(0),
-                                   self.w2.unbind(0), self.linear)
-        return training_experts(x_TH, routing.indices, routing.weights, pair, self.w13, self.w2, self.linear)
+        return _sorted_experts(x_TH, routing.indices, routing.weights, kept_pairs(routing), self.w13.unbind(0),
+                               self.w2.unbind(0), self.linear)
 
     def _forward_gathered(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The matrix-vector path as pure tensor ops, for torch.compile: each assignment indexes its expert's
@@ -228,87 +224,6 @@ def _sorted_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: to
     # The weighted sum is fp32 as in the official code, cast back once.
     y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
     return y_TH.index_add_(0, token, out).to(x_TH.dtype)
-
-
-def training_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, pair: torch.Tensor,
-                     w13: torch.Tensor, w2: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
-    """The grouped path with a hand-written backward (`_TrainingExperts`): the same products, in the same order,
-    without the autograd graph's per-expert pieces (see there)."""
-    K = indices_TK.shape[1]
-    expert = indices_TK.flatten()[pair]
-    order = pair[expert.argsort(stable=True)]  # flat (token, slot) ids, contiguous per expert
-    counts = torch.bincount(expert, minlength=w13.shape[0]).tolist()
-    return _TrainingExperts.apply(x_TH, weights_TK.flatten()[order], w13, w2, order // K, counts, linear)
-
-
-class _TrainingExperts(torch.autograd.Function):
-    """y = sum over the N expert-sorted (token, slot) pairs of weight_N * SwiGLU_e(x[token]), and its backward.
-
-    Autograd over the per-expert pieces (the grouped path) records for every expert a slice of the gathered
-    rows, two products, the activation and a slice of the weight stacks; its backward then cats E row
-    gradients, stacks E weight gradients, and sends the gather x[token] back through an element-wise
-    index_put. Here the activation and its derivative run once over all N rows, each set of E products is
-    joined by one cat or stack, and rows gather and scatter with index_select / index_add_ (row-wise kernels).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x_TH: torch.Tensor, weight_N: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,  # noqa: ANN401
-                token_N: torch.Tensor, counts: list[int], linear: Linear) -> torch.Tensor:
-        rows = _expert_rows(counts)
-        xs_NH = x_TH.index_select(0, token_N)
-        gu_N2I = _cat([linear(xs_NH[r], w13[e]) for e, r in rows], xs_NH, 2 * w2.shape[-1])
-        gate, up = gu_N2I.chunk(2, dim=-1)
-        act_NI = F.silu(gate) * up
-        out_NH = _cat([linear(act_NI[r], w2[e]) for e, r in rows], xs_NH, xs_NH.shape[-1])
-        ctx.save_for_backward(xs_NH, gu_N2I, out_NH, weight_N, w13, w2, token_N)
-        ctx.rows, ctx.linear, ctx.n_tokens = rows, linear, x_TH.shape[0]
-        # The weighted sum is fp32 as in the official code, cast back once.
-        y_TH = x_TH.new_zeros(x_TH.shape, dtype=torch.float32)
-        return y_TH.index_add_(0, token_N, out_NH.float() * weight_N[:, None]).to(x_TH.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_TH: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN401
-        xs_NH, gu_N2I, out_NH, weight_N, w13, w2, token_N = ctx.saved_tensors
-        linear, rows = ctx.linear, ctx.rows
-        want_x, want_weight, want_w13, want_w2 = ctx.needs_input_grad[:4]
-        g_NH = grad_TH.index_select(0, token_N).float()
-        grad_weight = (g_NH * out_NH.float()).sum(-1) if want_weight else None
-        g_out_NH = (g_NH * weight_N[:, None]).to(xs_NH.dtype)
-        gate, up = gu_N2I.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        g_act_NI = _cat([linear(g_out_NH[r], w2[e].t()) for e, r in rows], xs_NH, up.shape[-1])
-        if want_w2:
-            act_NI = silu * up
-            grad_w2 = _stack({e: linear(g_out_NH[r].t(), act_NI[r].t()) for e, r in rows}, w2)
-        else:
-            grad_w2 = None
-        # d silu(g) / dg = sig * (1 + g * (1 - sig)), as torch's silu_backward
-        g_gu_N2I = torch.cat([g_act_NI * up * sig * (1 + gate * (1 - sig)), g_act_NI * silu], dim=-1)
-        grad_w13 = _stack({e: linear(g_gu_N2I[r].t(), xs_NH[r].t()) for e, r in rows}, w13) if want_w13 else None
-        grad_x = None
-        if want_x:
-            g_xs_NH = _cat([linear(g_gu_N2I[r], w13[e].t()) for e, r in rows], xs_NH, xs_NH.shape[-1])
-            grad_x = g_xs_NH.new_zeros(ctx.n_tokens, g_xs_NH.shape[-1]).index_add_(0, token_N, g_xs_NH)
-        return grad_x, grad_weight, grad_w13, grad_w2, None, None, None
-
-
-def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
-    """(expert, its slice of the expert-sorted rows) for every expert with rows."""
-    bounds = [0, *itertools.accumulate(counts)]
-    return [(e, slice(lo, hi)) for e, (lo, hi) in enumerate(itertools.pairwise(bounds)) if hi > lo]
-
-
-def _cat(pieces: list[torch.Tensor], like: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.cat(pieces) if pieces else like.new_zeros(0, width)
-
-
-def _stack(by_expert: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """(E, ., .) from the gradients of the experts that had rows; the others' are zero."""
-    if len(by_expert) == like.shape[0]:
-        return torch.stack(list(by_expert.values()))
-    zero = like.new_zeros(like.shape[1:])
-    return torch.stack([by_expert.get(e, zero) for e in range(like.shape[0])])
 
 
 def inference_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,

@@ -15,7 +15,7 @@ from dsv2.train.tasks import main as tasks_main
 
 def test_every_stage_feeds_the_next(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data, runs = tmp_path / "data", tmp_path / "runs"
-    tasks_main([str(data), "--train", "300", "--validation", "20", "--test", "20"])
+    tasks_main([str(data), "--train", "300", "--rl", "20", "--validation", "20", "--test", "20"])
     recipe = Path(__file__).parents[1] / "recipes" / "tiny.toml"
     assert main(["train", "--config", str(recipe), f"--data.paths=[\"{data / 'train-text.jsonl'}\"]",
                  f"--train.out_dir={runs / 'pre'}", "--train.steps=3", "--train.batch_size=4",
@@ -25,7 +25,7 @@ def test_every_stage_feeds_the_next(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert load(pre).cfg.num_hidden_layers == 4  # the tiny preset, in the HF layout
     assert main(["sft", "--model", str(pre), "--data", str(data / "train-sft.jsonl"), "--out", str(runs / "sft"),
                  "--steps", "2", "--batch-size", "4"]) == 0
-    assert main(["grpo", "--model", str(runs / "sft" / "final"), "--data", str(data / "train-grpo.jsonl"),
+    assert main(["grpo", "--model", str(runs / "sft" / "final"), "--data", str(data / "rl-grpo.jsonl"),
                  "--out", str(runs / "grpo"), "--steps", "1", "--group-size", "2", "--prompts-per-step", "2",
                  "--max-tokens", "8"]) == 0
     final = runs / "grpo" / "final"

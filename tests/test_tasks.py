@@ -16,7 +16,7 @@ from dsv2.train.tasks import (SPLITS, TEMPLATES, exact_match, extract_answer, ha
 
 def test_splits_are_disjoint_by_construction() -> None:
     drawn = {(split, seed): problems(split, n, seed)
-             for split, n in (("train", 3000), ("validation", 300), ("test", 300)) for seed in (0, 1)}
+             for split, n in (("train", 3000), ("rl", 1000), ("validation", 300), ("test", 300)) for seed in (0, 1)}
     for (split, _), batch in drawn.items():
         assert all(split_of(p.key) == split for p in batch)
         assert len({p.key for p in batch}) == len(batch)
@@ -37,6 +37,17 @@ def test_a_small_template_is_partitioned_exactly() -> None:
     assert sum(len(v) for v in by_split.values()) == len(keys)
     drawn = {p.key for p in problems("test", 400, seed=5) if p.template == "mul"}
     assert drawn <= by_split["test"]
+
+
+def test_the_command_writes_rl_prompts_only_when_asked(tmp_path: Path) -> None:
+    """--rl N writes N GRPO prompts that share no problem with the train split's files; without it no rl file."""
+    assert tasks.main([str(tmp_path / "a"), "--train", "400", "--rl", "50", "--validation", "5", "--test", "5"]) == 0
+    rl = tasks.read_jsonl(tmp_path / "a" / "rl-grpo.jsonl")
+    train = {r["text"].split("\n")[0] for r in tasks.read_jsonl(tmp_path / "a" / "train-text.jsonl")}
+    assert len(rl) == 50 and all(isinstance(r["answer"], int) for r in rl)
+    assert not {r["messages"][0]["content"] for r in rl} & train
+    assert tasks.main([str(tmp_path / "b"), "--train", "10", "--validation", "5", "--test", "5"]) == 0
+    assert not list((tmp_path / "b").glob("rl-*"))
 
 
 def test_drawing_with_replacement_balances_templates() -> None:

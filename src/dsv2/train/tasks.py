@@ -2,11 +2,15 @@
 
 Arithmetic. Each problem is a template applied to integer operands; `(template, operands)` is its key and fixes
 everything else (the question's wording, the person's name, the answer). The split of a problem is a function of
-its key alone -- a SHA-256 bucket -- so train, validation and test are disjoint by construction whatever the seed
-or the number of problems drawn: the seed only chooses *which* keys of a split are drawn. Worked answers end in
-the fixed sentence "The answer is N.", which the extractor and the GRPO rewards read.
+its key alone -- a SHA-256 bucket -- so the splits are disjoint by construction whatever the seed or the number of
+problems drawn: the seed only chooses *which* keys of a split are drawn. Worked answers end in the fixed sentence
+"The answer is N.", which the extractor and the GRPO rewards read.
 
-    python -m dsv2.train.tasks data/ --train 20000 --validation 500 --test 500 --stdlib
+The splits: train (pretraining and SFT), rl (GRPO's prompts), validation and test. rl is kept apart from train
+because a small model answers the problems it was pretrained on from memory: GRPO on those prompts has nothing to
+learn (its sampled reward barely moves), while on problems it has never seen the reward says something new.
+
+    python -m dsv2.train.tasks data/ --train 20000 --rl 3000 --validation 500 --test 500 --stdlib
 
 writes SFT conversations, GRPO prompts and pretraining text per split, and the stdlib corpus.
 """
@@ -24,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SPLITS: dict[str, tuple[float, float]] = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}
+SPLITS: dict[str, tuple[float, float]] = {"train": (0.0, 0.7), "rl": (0.7, 0.9), "validation": (0.9, 0.95),
+                                          "test": (0.95, 1.0)}
 NAMES = ("Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mia", "Noor")
 ANSWER_PREFIX = "The answer is"
 # The last integer after "The answer is" counts; a trailing period is optional so that "The answer is 7" at a
@@ -132,7 +137,7 @@ def problems(split: str, n: int, seed: int = 0, replace: bool = False) -> list[P
 
     Without replacement (the default, for evaluation sets) a draw whose key is already taken is rejected, so a
     template with few keys runs out and the large ones fill the rest: 60,000 distinct train problems hold every
-    train key of mul (112) and div (113) but 42,939 of add_sub. With replacement (for a training corpus) every
+    train key of mul (84) and div (84) but 46,671 of add_sub. With replacement (for a training corpus) every
     template keeps its 1/7 share and a template with few keys repeats them."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
@@ -267,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv2.train.tasks", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--rl", type=int, default=0, help="problems of the rl split (GRPO prompts the train split "
+                        "never shows); 0 writes no rl files")
     parser.add_argument("--validation", type=int, default=500)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -276,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stdlib", action="store_true", help="also write stdlib.jsonl (the stdlib's source) and "
                         "stdlib-heldout.jsonl (the first MB of its test suites, which stdlib.jsonl leaves out)")
     args = parser.parse_args(argv)
-    sizes = {"train": args.train, "validation": args.validation, "test": args.test}
+    sizes = {"train": args.train, "rl": args.rl, "validation": args.validation, "test": args.test}
+    sizes = {split: n for split, n in sizes.items() if n > 0 or split == "train"}
     replace = frozenset({"train"} if args.train_with_replacement else ())
     for path in write_arithmetic(args.out_dir, sizes, args.seed, replace):
         print(path)

@@ -14,7 +14,7 @@ from dsv2.cli import main
 from dsv2.infer.blocks import BlockAllocator, block_hashes
 from dsv2.train.grpo import (GRPOConfig, GRPOTrainer, Sample, accuracy_reward, clipped_objective,
                              completion_logprobs, format_reward, group_advantages, grpo_loss, k3_kl,
-                             parse_reward_weights)
+                             parse_reward_weights, train_grpo)
 from dsv2.train.tasks import grpo_record, problems, write_jsonl
 from tests.conftest import randomize_, small_config
 from tests.test_sft import arith_tokenizer, save_with_tokenizer
@@ -234,3 +234,38 @@ def test_grpo_command_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     for name, value in base.state_dict().items():
         assert torch.equal(tuned.state_dict()[name], value), name
     assert json.loads((out / "grpo_config.json").read_text())["reward_weights"] == {"accuracy": 1.0, "format": 0.5}
+
+
+def even_share(sample: Sample) -> float:
+    return sum(t % 2 == 0 for t in sample.token_ids) / max(len(sample.token_ids), 1)
+
+
+def test_a_resumed_run_takes_the_steps_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Stopped after its step-2 checkpoint (and a step logged after it), a run continued with resume=True logs
+    the same steps 3-4 and ends with the same weights as a run of 4 steps without a stop."""
+    tok_dir = arith_tokenizer(tmp_path)
+    model_dir = save_with_tokenizer(randomize_(Transformer(small_config(vocab_size=320)), seed=5, std=0.05),
+                                    tok_dir, tmp_path / "base")
+    data = tmp_path / "prompts.jsonl"
+    write_jsonl(data, map(grpo_record, problems("train", 12, seed=6)))
+    cfg = GRPOConfig(steps=4, group_size=4, prompts_per_step=2, max_tokens=6, lr=3e-3, checkpoint_every=2)
+    run = {"model_dir": model_dir, "data": data, "reward_weights": {"even": 1.0}, "progress": False,
+           "rewards": {"even": even_share}}
+    whole = train_grpo(out_dir=tmp_path / "whole", cfg=cfg, **run)
+    part = tmp_path / "part"
+    train_grpo(out_dir=part, cfg=GRPOConfig(**{**cfg.__dict__, "steps": 2}), **run)
+    with open(part / "metrics.jsonl", "a") as f:  # what a kill during step 4 leaves after the checkpoint
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+    with pytest.raises(ValueError, match="already holds GRPO checkpoints"):
+        train_grpo(out_dir=part, cfg=cfg, **run)
+    with pytest.raises(ValueError, match="other GRPO options .lr"):
+        train_grpo(out_dir=part, cfg=GRPOConfig(**{**cfg.__dict__, "lr": 1e-3}), resume=True, **run)
+    resumed = train_grpo(out_dir=part, cfg=cfg, resume=True, **run)
+    logs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole.parent, part)]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    assert logs[0] == logs[1]
+    assert len({r["reward"] for r in logs[0]}) > 1 and logs[0][-1]["kl"] > 0  # the policy did move
+    a, b = load(whole, dtype=torch.float32).state_dict(), load(resumed, dtype=torch.float32).state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000004"]  # only the newest is kept

@@ -31,6 +31,8 @@ from dsv2.hardware import keep_freed_memory
 from dsv2.infer import LLM, SamplingParams
 from dsv2.model import Transformer, onednn
 from dsv2.tokenizer import Tokenizer
+from dsv2.train import checkpoints as ckpt
+from dsv2.train.metrics import MetricsLog
 from dsv2.train.optim import OptimConfig, build_optimizer
 from dsv2.train.sft import copy_tokenizer_files
 from dsv2.train.tasks import extract_answer, has_answer_format, read_jsonl
@@ -56,6 +58,7 @@ class GRPOConfig:
     adv_eps: float = 1e-4  # (r - mean) / (std + adv_eps), as TRL
     seed: int = 0
     gemm: str = "auto"  # fp32 products through oneDNN ("onednn", "auto" = on x86 CPUs) or F.linear ("torch")
+    checkpoint_every: int = 50  # steps between resumable checkpoints in out_dir/checkpoints (0: none)
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "group_size", "must be >= 2 (a group of one has no baseline)")
@@ -67,6 +70,7 @@ class GRPOConfig:
         _check(self.loss_norm in LOSS_NORMS, "loss_norm", f"must be one of {LOSS_NORMS}")
         _check(self.temperature > 0, "temperature", "must be > 0 (GRPO needs diverse samples)")
         _check(self.gemm in onednn.CHOICES, "gemm", f"must be one of {onednn.CHOICES}")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
 
 
 def _check(ok: bool, name: str, reason: str) -> None:
@@ -318,33 +322,78 @@ def batches(examples: Sequence[Mapping[str, Any]], size: int, seed: int) -> Any:
             yield [examples[j] for j in order[i:i + size]]
 
 
+# Options a resumed run may change: how long it runs and how often it saves. Any other difference would make the
+# continued run a different experiment than the one its checkpoint belongs to.
+_RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every"})
+
+
 def train_grpo(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: GRPOConfig,
-               reward_weights: Mapping[str, float], progress: bool = True) -> Path:
-    """GRPO from a checkpoint on a JSONL of prompts (e.g. tasks.grpo_record); writes out_dir/final and a
-    metrics.jsonl of one line per step."""
+               reward_weights: Mapping[str, float], progress: bool = True, resume: bool = False,
+               rewards: Mapping[str, RewardFn] = REWARDS) -> Path:
+    """GRPO from a checkpoint on a JSONL of prompts (e.g. tasks.grpo_record); writes out_dir/final, a
+    metrics.jsonl of one line per step and, every cfg.checkpoint_every steps, a resumable checkpoint (policy,
+    optimizer, step) in out_dir/checkpoints. resume=True continues from the newest one exactly: the reference
+    is model_dir again, the prompts and sampling seeds are functions of (seed, step), so the continued steps
+    are the ones an uninterrupted run takes."""
     examples = read_jsonl(data)
     if len(examples) < cfg.prompts_per_step:
         raise ValueError(f"{data} holds {len(examples)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
+    out = Path(out_dir)
+    root = out / "checkpoints"
+    found = ckpt.latest(root) if root.is_dir() else None
+    if found is not None and not resume:
+        raise ValueError(f"{out} already holds GRPO checkpoints; pass --resume or choose another --out")
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.from_dir(model_dir)
-    trainer = GRPOTrainer(load(model_dir, dtype=torch.float32), cfg, reward_weights, tokenizer=tokenizer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grpo_config.json").write_text(json.dumps(asdict(cfg) | {"reward_weights": dict(reward_weights)},
-                                                     indent=2) + "\n")
+    trainer = GRPOTrainer(load(model_dir, dtype=torch.float32), cfg, reward_weights, rewards, tokenizer=tokenizer)
+    record = asdict(cfg) | {"reward_weights": dict(reward_weights)}
+    log = MetricsLog(out / "metrics.jsonl")
+    if found is not None:
+        _resume(trainer, found, record)
+        log.truncate_after(trainer.steps_done)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+    (out / "grpo_config.json").write_text(json.dumps(record, indent=2) + "\n")
     source = batches(examples, cfg.prompts_per_step, cfg.seed)
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as log, \
-            tqdm(total=cfg.steps, unit="step", disable=not progress) as bar:
-        for _ in range(cfg.steps):
+    for _ in range(trainer.steps_done):  # the batches already used, drawn again so the next one is the same
+        next(source)
+    with tqdm(total=cfg.steps, initial=min(trainer.steps_done, cfg.steps), unit="step",
+              disable=not progress) as bar:
+        while trainer.steps_done < cfg.steps:
             stats = trainer.step(next(source))
-            log.write(json.dumps(stats) + "\n")
-            log.flush()
+            log.write(stats)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.4f}")
+            if cfg.checkpoint_every and (trainer.steps_done % cfg.checkpoint_every == 0
+                                         or trainer.steps_done == cfg.steps):
+                _save_checkpoint(trainer, root, record)
     final = out / "final"
     save(trainer.policy, final)
     copy_tokenizer_files(model_dir, final)
     return final
+
+
+def _save_checkpoint(trainer: GRPOTrainer, root: Path, record: Mapping[str, Any]) -> None:
+    state = {"step": trainer.steps_done, "model": ckpt.model_state(trainer.policy),
+             "optimizer": ckpt.optimizer_state(trainer.optimizer), "config": json.dumps(record)}
+    ckpt.write_rank_state(root, trainer.steps_done, 0, state)
+    ckpt.publish(root, trainer.steps_done, keep=1)
+
+
+def _resume(trainer: GRPOTrainer, directory: Path, record: Mapping[str, Any]) -> None:
+    state = ckpt.read_rank_state(directory, 0)
+    saved = json.loads(state["config"])
+    changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k) and
+                     k not in _RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(f"{directory} was written with other GRPO options ({', '.join(changed)}: "
+                         f"{[saved.get(k) for k in changed]} there, {[record.get(k) for k in changed]} now); "
+                         "resume with the same ones")
+    ckpt.load_model_state(trainer.policy, state["model"])
+    ckpt.load_optimizer_state(trainer.optimizer, state["optimizer"])
+    trainer.steps_done = int(state["step"])
+    trainer.engine.update_weights(trainer.policy.state_dict())
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -373,6 +422,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="completion length limit")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between resumable checkpoints in OUT/checkpoints (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--gemm", choices=onednn.CHOICES, default=d.gemm,
                    help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
     p.set_defaults(func=run_grpo)
@@ -384,9 +436,13 @@ def run_grpo(args: argparse.Namespace) -> int:
         cfg = GRPOConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step, steps=args.steps,
                          beta=args.beta, epsilon=args.epsilon, lr=args.lr, updates_per_batch=args.updates_per_batch,
                          loss_norm=args.loss_norm, max_tokens=args.max_tokens, temperature=args.temperature,
-                         seed=args.seed, gemm=args.gemm)
+                         seed=args.seed, gemm=args.gemm, checkpoint_every=args.checkpoint_every)
         weights = parse_reward_weights(args.reward_weights)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    print(f"done: {train_grpo(args.model, args.data, args.out, cfg, weights)}")
+    try:
+        final = train_grpo(args.model, args.data, args.out, cfg, weights, resume=args.resume)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"done: {final}")
     return 0

@@ -39,13 +39,13 @@ SFT_ARGS  ?= --steps 300 --batch-size 16 --lr 3e-4
 GRPO_ARGS ?= --steps 100 --prompts-per-step 16 --group-size 8 --lr 5e-5 --temperature 0.7
 EVAL := $(PY) -m dsv2.cli eval --arith 500 --ppl-text $(DATA)/validation-text.jsonl $(DATA)/stdlib-heldout.jsonl
 tiny-model: install
-	$(PY) -m dsv2.train.tasks $(DATA) --train 60000 --stdlib
+	$(PY) -m dsv2.train.tasks $(DATA) --train 60000 --rl 3000 --stdlib
 	$(PY) -m dsv2.cli train --config recipes/tiny.toml --train.out_dir=$(TINY)/pretrain \
 		--data.paths='["$(DATA)/stdlib.jsonl", "$(DATA)/train-text.jsonl"]'
 	$(EVAL) --model $(TINY)/pretrain/final --arith-format text --out $(TINY)/eval-pretrain.json
 	$(PY) -m dsv2.cli sft --model $(TINY)/pretrain/final --data $(DATA)/train-sft.jsonl --out $(TINY)/sft $(SFT_ARGS)
 	$(EVAL) --model $(TINY)/sft/final --out $(TINY)/eval-sft.json
-	$(PY) -m dsv2.cli grpo --model $(TINY)/sft/final --data $(DATA)/train-grpo.jsonl --out $(TINY)/grpo $(GRPO_ARGS)
+	$(PY) -m dsv2.cli grpo --model $(TINY)/sft/final --data $(DATA)/rl-grpo.jsonl --out $(TINY)/grpo $(GRPO_ARGS)
 	$(EVAL) --model $(TINY)/grpo/final --humaneval --out $(TINY)/eval-grpo.json
 
 SHIPPED := src/dsv2/assets/dsv2-tiny

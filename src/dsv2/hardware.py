@@ -39,7 +39,10 @@ def keep_freed_memory() -> bool:
     so a training step page-faults its large tensors (logits, their gradients, stacked expert gradients, the
     optimizer's temporaries) back in on every step. Measured on a 2-core CPU (BENCHMARKS.md): the tiny recipe
     trains 15% more tokens per second. The process's memory then stays near its peak, which suits a training run; the
-    training commands call this, a library import does not."""
+    training commands call this, a library import does not. Not every large allocation is served from freed
+    memory: torch asks for 64-byte-aligned blocks, which need a little more than a freed block of the same size
+    holds, so when a small live allocation sits right after the freed block, the heap grows instead (seen for one
+    repeated 64 MiB tensor in about one process in five)."""
     if os.environ.get("DSV2_MALLOC") == "default" or not sys.platform.startswith("linux"):
         return False
     try:

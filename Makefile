@@ -29,7 +29,8 @@ bench: install
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/train.py
 
-# The whole recipe on this machine class (about 95 minutes on a 2-core Zen 5: 36 of pretraining, 50 of GRPO):
+# The whole recipe on this machine class (about 90 minutes on a 2-core Zen 5, summed over its stages: 36 of
+# pretraining, 51 of GRPO):
 # corpus -> BPE + pretraining -> SFT -> GRPO on prompts kept out of pretraining and SFT (the rl split), each stage
 # evaluated on the held-out splits (runs/tiny/eval-*.json). `make ship` then copies the final model into the
 # package as the default model. SEED is the pretraining seed: runs swing by whole templates, and seed 0 of this

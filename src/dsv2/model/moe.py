@@ -220,7 +220,10 @@ def _sorted_experts(x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: to
     order = pair[expert.argsort(stable=True)]  # flat (token, slot) ids, contiguous per expert
     token = order // K
     counts = torch.bincount(expert, minlength=len(w13)).tolist()
-    out = _grouped(x_TH[token], counts, w13, w2, linear=linear).float() * weights_TK.flatten()[order, None]
+    # index_select, not x_TH[token]: advanced indexing's backward is an accumulating index_put, which on CPU was
+    # 32x slower than index_select's index_add_ (2.7 ms against 0.09 ms for 4,096 rows of 256, ad hoc).
+    w_sorted = weights_TK.flatten().index_select(0, order)[:, None]
+    out = _grouped(x_TH.index_select(0, token), counts, w13, w2, linear=linear).float() * w_sorted
     # The weighted sum is fp32 as in the official code, cast back once.
     y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
     return y_TH.index_add_(0, token, out).to(x_TH.dtype)

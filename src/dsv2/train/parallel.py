@@ -131,15 +131,15 @@ class ExpertParallel(nn.Module):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_splits, recv_splits = send.tolist(), recv.tolist()
-        x_in = all_to_all(x_TH[token], recv_splits, send_splits, self.group)
+        x_in = all_to_all(x_TH.index_select(0, token), recv_splits, send_splits, self.group)
         e_in = torch.empty(sum(recv_splits), dtype=expert.dtype)
         dist.all_to_all_single(e_in, expert % self.per_rank, recv_splits, send_splits, group=self.group)
         by_expert = e_in.argsort(stable=True)
         counts = torch.bincount(e_in, minlength=self.per_rank).tolist()
-        out_sorted = self.local.grouped(x_in[by_expert], counts, every_expert=True)
+        out_sorted = self.local.grouped(x_in.index_select(0, by_expert), counts, every_expert=True)
         out = torch.empty_like(out_sorted).index_copy(0, by_expert, out_sorted)  # back to arrival order
         out = all_to_all(out, send_splits, recv_splits, self.group)
-        out = out.float() * routing.weights.flatten()[order, None]
+        out = out.float() * routing.weights.flatten().index_select(0, order)[:, None]
         y_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         return y_TH.index_add_(0, token, out).to(x_TH.dtype)
 

@@ -178,3 +178,35 @@ def test_chunked_head_cross_entropy_matches_full_logits(vocab: int, monkeypatch:
     targets = ids.roll(-1, dims=1)
     full = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
     assert model(ids, labels=targets).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("onednn_products", [False, True])
+def test_chunked_head_cross_entropy_under_bf16_autocast(onednn_products: bool, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """Under autocast, Transformer(labels=...) still takes the chunked head (here in chunks of 13 rows), with
+    autocast's bf16 products: the loss and every parameter's gradient equal those of the full logits under
+    autocast, to bf16 rounding of the per-chunk head gradients."""
+    from dsv2.model import loss, onednn, transformer
+
+    monkeypatch.setattr(loss, "_CHUNK_ELEMENTS", 13 * 512)
+    calls = []
+    monkeypatch.setattr(transformer, "head_cross_entropy", lambda *a: calls.append(a) or loss.head_cross_entropy(*a))
+    model = randomize_(Transformer(small_config()), seed=3).train()
+    if onednn_products:
+        onednn.use_for_training_(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=g)
+    targets = ids.roll(-1, dims=1)
+    targets[1, 20:] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    want_grads = torch.autograd.grad(want, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids, labels=targets)
+    got_grads = torch.autograd.grad(got, params)
+    assert len(calls) == 1
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), want_grads, got_grads, strict=True):
+        assert b.dtype == torch.float32 and a.norm() > 0, name
+        assert ((a - b).norm() / a.norm()).item() < 1e-2, name

@@ -58,7 +58,8 @@ def _loss_and_grads(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: torch.Tens
             p_CV = p_CV.to(h_NH.dtype)
             grad_h[rows] = mm(p_CV, w_VH.t())  # p @ W
             grad_w_chunk = mm(p_CV.t(), h_CH.t())  # p.T @ h
-            grad_w = grad_w_chunk if grad_w is None else grad_w.add_(grad_w_chunk)
+            # summed in fp32 whatever the products' dtype (bf16 under autocast or for a bf16 model)
+            grad_w = grad_w_chunk.float() if grad_w is None else grad_w.add_(grad_w_chunk)
     if grads and grad_w is None:  # no rows at all
         grad_w = torch.zeros_like(w_VH)
     return total / n_valid, grad_h, grad_w

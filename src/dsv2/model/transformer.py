@@ -100,10 +100,12 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(input_ids, positions, attention_mask, cache, routing_out)
         if labels is None:
             return self.logits(hidden)
-        # Under autocast, autocast decides the head's dtype; a packed head (an inference model) has no dense weight.
-        if torch.is_autocast_enabled(hidden.device.type) or not isinstance(self.head, nn.Linear):
+        if not isinstance(self.head, nn.Linear):  # a packed head (an inference model) has no dense weight
             return F.cross_entropy(self.logits(hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        mm = onednn.mm if isinstance(self.head, onednn.Linear) else F.linear
+        # Under autocast the head's products go through F.linear, so autocast picks their dtype as it would for
+        # the unchunked head; dsv2.model.loss keeps the softmax and the gradient sums in fp32.
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        mm = onednn.mm if isinstance(self.head, onednn.Linear) and not autocast else F.linear
         return head_cross_entropy(hidden, self.head.weight, labels, mm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

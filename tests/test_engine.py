@@ -8,19 +8,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from dsv2 import ModelConfig, Transformer, save
-from dsv2.infer import LLM, SamplingParams
+from dsv2.infer import LLM, EngineDeadError, SamplingParams
 from tests.conftest import randomize_, small_config
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 CFG = small_config(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0)
 
 
+TINY = small_config(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                    v_head_dim=8, vocab_size=64, rope_scaling=None)
+
+
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     return randomize_(Transformer(CFG), seed=21).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Transformer:
+    """A model whose step costs a millisecond, for property tests that run thousands of steps."""
+    return randomize_(Transformer(TINY), seed=5).eval()
 
 
 def _prompts(n: int, seed: int, lo: int = 1, hi: int = 40) -> list[list[int]]:
@@ -184,10 +197,13 @@ def test_request_errors(model: Transformer) -> None:
         llm.add_request([])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.add_request([1, CFG.vocab_size])
-    with pytest.raises(ValueError, match="cannot fit in a cache of 256 tokens"):
+    assert llm.max_model_len == 256  # capped to what the cache holds
+    with pytest.raises(ValueError, match="prompt of 298 tokens leaves no room for output in a context of 256"):
         llm.add_request(list(range(2, 300)))
-    with pytest.raises(ValueError, match="does not fit the model's context"):
-        llm.add_request([2] * CFG.max_position_embeddings)
+    with pytest.raises(ValueError, match="leaves no room for output in a context of 2560"):
+        LLM(model, max_cache_tokens=4096).add_request([2] * CFG.max_position_embeddings)
+    with pytest.raises(ValueError, match="max_model_len=3000 must be in \\[1, 2560\\]"):
+        LLM(model, max_cache_tokens=256, max_model_len=3000)
     with pytest.raises(ValueError, match="3 prompts but 2 SamplingParams"):
         llm.generate([[2], [3], [4]], [GREEDY, GREEDY])
 
@@ -247,8 +263,8 @@ def test_failed_compilation_falls_back_to_eager(model: Transformer) -> None:
     eager = LLM(model, max_cache_tokens=4096)
     llm = LLM(model, max_cache_tokens=4096, compile=True)
 
-    def no_compiler(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 -- what inductor raises without a C++ compiler
-        raise RuntimeError("no C++ compiler found")
+    def no_compiler(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 -- how dynamo reports inductor's failures
+        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler found")
 
     llm.runner._compiled = no_compiler
     prompts = _prompts(1, seed=5)
@@ -256,3 +272,127 @@ def test_failed_compilation_falls_back_to_eager(model: Transformer) -> None:
         out = llm.generate(prompts, GREEDY)
     assert _tokens(out) == _tokens(eager.generate(prompts, GREEDY))
     assert llm.runner._compiled is None and llm.runner.compiled_steps == 0
+
+
+def test_a_bug_in_the_compiled_graph_is_not_taken_for_a_missing_compiler(model: Transformer) -> None:
+    """Only the compiler's own errors switch compiled decode off; any other error fails that step's requests."""
+    llm = LLM(model, max_cache_tokens=4096, compile=True)
+
+    def buggy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("shape mismatch in a kernel")
+
+    llm.runner._compiled = buggy
+    [out] = llm.generate(_prompts(1, seed=5), GREEDY)
+    assert out.outputs[0].finish_reason == "error" and "RuntimeError" in out.error
+    assert llm.runner.compiles and llm.stats()["cache_blocks_used"] == 0
+
+
+def test_a_lone_request_longer_than_the_cache_finishes_instead_of_hanging(model: Transformer) -> None:
+    """Before: the sequence outgrew a 64-token cache, preempted itself and was never readmitted (step() returned
+    [] forever). Now max_model_len is capped to the cache, and the request ends with "length" at 64 tokens."""
+    llm = LLM(model, max_cache_tokens=64)
+    assert llm.max_model_len == 64
+    rid = llm.add_request(list(range(2, 12)), SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    for _ in range(100):
+        done = [o for o in llm.step() if o.finished]
+        if done:
+            break
+    else:
+        raise AssertionError("the request did not finish in 100 steps")
+    assert done[0].request_id == rid and done[0].outputs[0].finish_reason == "length"
+    assert len(done[0].outputs[0].token_ids) == 64 - 10 and llm.stats()["cache_blocks_used"] == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cache_blocks=st.integers(1, 12), block_size=st.sampled_from([1, 4, 8]), budget=st.integers(1, 40),
+       max_seqs=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_every_request_finishes_whatever_the_cache_size(tiny: Transformer, cache_blocks: int, block_size: int,
+                                                        budget: int, max_seqs: int, seed: int) -> None:
+    """Random cache sizes x random requests (any length the engine accepts, n up to 3) x random aborts: every
+    request ends with stop/length/abort within a bounded number of steps, and nothing stays referenced."""
+    rng = random.Random(seed)
+    llm = LLM(tiny, max_cache_tokens=max(2, cache_blocks * block_size), block_size=block_size, max_num_seqs=max_seqs,
+              max_num_batched_tokens=budget)
+    live, finished, submitted, steps = set(), {}, 0, 0
+    while submitted < 12 or llm.has_unfinished():
+        if submitted < 12 and rng.random() < 0.5:
+            prompt = [rng.randrange(2, TINY.vocab_size) for _ in range(rng.randint(1, llm.max_model_len - 1))]
+            params = SamplingParams(max_tokens=rng.randint(1, 3 * llm.max_model_len), temperature=rng.choice([0, 1]),
+                                    ignore_eos=rng.random() < 0.5, n=rng.choice([1, 1, 3]))
+            live.add(llm.add_request(prompt, params))
+            submitted += 1
+        if live and rng.random() < 0.1:
+            rid = rng.choice(sorted(live))
+            finished[rid] = llm.abort(rid)
+            live.discard(rid)
+        for out in llm.step():
+            if out.finished:
+                finished[out.request_id] = out
+                live.discard(out.request_id)
+        llm.allocator.check_invariants()
+        steps += 1
+        assert steps < 20_000, "the engine stopped making progress"
+    assert len(finished) == submitted and not live
+    for out in finished.values():
+        for o in out.outputs:
+            assert o.finish_reason in ("stop", "length", "abort")
+            assert o.finish_reason == "abort" or len(out.prompt_token_ids) + len(o.token_ids) <= llm.max_model_len
+    assert llm.stats()["cache_blocks_used"] == 0 and all(c == 0 for c in llm.allocator.ref_counts)
+
+
+def _fail_on_calls(llm: LLM, calls: set[int]) -> None:
+    """Make the model raise on the given calls of the runner (1-based), as a bad kernel or a bad input would."""
+    run, count = llm.runner.run, [0]
+
+    def faulty(batch):  # noqa: ANN001, ANN202
+        count[0] += 1
+        if count[0] in calls:
+            raise RuntimeError(f"injected fault on call {count[0]}")
+        return run(batch)
+
+    llm.runner.run = faulty
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model: Transformer) -> None:
+    llm = LLM(model, max_cache_tokens=1024, max_num_seqs=2)
+    first = [llm.add_request(p, GREEDY) for p in _prompts(2, seed=7)]  # run together in steps 1..
+    later = [llm.add_request(p, GREEDY) for p in _prompts(2, seed=8)]  # wait for a free slot
+    _fail_on_calls(llm, {3})
+    outs = {}
+    while llm.has_unfinished():
+        for out in llm.step():
+            if out.finished:
+                outs[out.request_id] = out
+        llm.allocator.check_invariants()
+    for rid in first:
+        assert outs[rid].outputs[0].finish_reason == "error"
+        assert outs[rid].error == "RuntimeError while computing this request"
+        assert len(outs[rid].outputs[0].token_ids) == 2  # sampled by steps 1 (prefill) and 2, before the fault
+    ref = LLM(model, max_cache_tokens=1024).generate(_prompts(2, seed=8), GREEDY)
+    assert [outs[rid].outputs[0].token_ids for rid in later] == _tokens(ref)
+    assert llm.stats()["cache_blocks_used"] == 0 and llm.stats()["failed_steps"] == 1
+
+
+def test_an_engine_whose_every_step_fails_is_declared_dead(model: Transformer) -> None:
+    llm = LLM(model, max_cache_tokens=1024)
+    _fail_on_calls(llm, {1, 2, 3, 4})
+    for p in _prompts(3, seed=9):
+        llm.add_request(p, GREEDY)
+    assert [o.outputs[0].finish_reason for o in llm.step()] == ["error"] * 3  # one failure: contained
+    for p in _prompts(3, seed=10):
+        llm.add_request(p, GREEDY)
+    llm.step()
+    for p in _prompts(1, seed=11):
+        llm.add_request(p, GREEDY)
+    with pytest.raises(EngineDeadError, match="3 engine steps failed in a row; last: RuntimeError: injected"):
+        llm.step()
+
+
+def test_bad_engine_options_are_clear_errors(model: Transformer) -> None:
+    with pytest.raises(ValueError, match="cache dtype 'int4' is not supported"):
+        LLM(model, max_cache_tokens=256, cache_dtype="int4")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        LLM(model, max_cache_tokens=256, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' is not available"):
+            LLM(model, max_cache_tokens=256, device="cuda")

@@ -215,6 +215,9 @@ def save(model: Transformer, path: str | os.PathLike, max_shard_size: int | str 
         # clone: the slices share storage with their fused parameter, which safetensors refuses to write.
         tensors = {e.hf_name: _target(params[e.param], e, cfg).detach().to("cpu").clone() for e in shard}
         save_file(tensors, root / name, metadata={"format": "pt"})
+        # safetensors writes through a private temporary file (mode 0600); give the shard the mode any other
+        # file this process creates gets, so the checkpoint is readable by whoever may read config.json.
+        os.chmod(root / name, 0o666 & ~_umask())
         weight_map.update(dict.fromkeys(tensors, name))
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -222,6 +225,12 @@ def save(model: Transformer, path: str | os.PathLike, max_shard_size: int | str 
     hf = cfg.to_hf()
     hf["torch_dtype"] = str(params["embed.weight"].dtype).removeprefix("torch.")
     (root / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _plan_shards(cfg: ModelConfig, params: dict[str, torch.Tensor], limit: int) -> Iterator[list[Entry]]:

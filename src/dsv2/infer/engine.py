@@ -9,6 +9,7 @@ The incremental API (`add_request`, `step`, `abort`) is what a server streams fr
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import random
@@ -27,7 +28,7 @@ from dsv2.infer.blocks import BlockAllocator
 from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
 from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
 from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, sample
-from dsv2.infer.scheduler import Scheduler
+from dsv2.infer.scheduler import Scheduled, Scheduler
 from dsv2.infer.scheduler import Sequence as SchedSeq
 from dsv2.model import Transformer, onednn
 from dsv2.tokenizer import StreamDecoder, Tokenizer
@@ -35,13 +36,22 @@ from dsv2.tokenizer import StreamDecoder, Tokenizer
 Prompt = str | Sequence[int]
 Message = Mapping[str, Any]
 
+log = logging.getLogger("dsv2")
+
+# A model that fails this many steps in a row is broken, not unlucky with one batch: the engine stops.
+MAX_FAILED_STEPS_IN_A_ROW = 3
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot go on (its bookkeeping broke, or every step fails); nothing it holds will finish."""
+
 
 @dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length" or "abort"; None while generating
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"; None while generating
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None
 
@@ -52,6 +62,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -65,6 +76,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[_SeqState] = field(default_factory=list)
+    error: str | None = None
 
 
 @dataclass(eq=False)
@@ -85,6 +97,7 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
         max_cache_tokens: int | None = None,
+        max_model_len: int | None = None,
         cache_memory_fraction: float = 0.2,
         cache_dtype: torch.dtype | str | None = None,
         block_size: int = 16,
@@ -99,7 +112,9 @@ class LLM:
         None for the model shipped in the package (dsv2-tiny).
         dtype: weights and activations (default: the checkpoint's torch_dtype). cache_dtype: the model
         dtype (default) or "fp8" (e4m3 with per-token scales). The cache holds max_cache_tokens tokens, or
-        as many as cache_memory_fraction of the free memory allows. gemv_layout: store weights column-major
+        as many as cache_memory_fraction of the free memory allows. max_model_len: the longest sequence
+        (prompt + output) a request may reach; default and upper bound the model's context, and never more
+        than the cache holds, so that a lone request can always run to its end. gemv_layout: store weights column-major
         for faster one-row products on CPU (default: on for CPU when the engine loads the checkpoint itself;
         a model passed in is never re-laid-out unless asked). compile: run decode-only steps through a
         torch.compile'd graph of the model (faster decode after a compile of up to minutes on first use; see
@@ -107,7 +122,7 @@ class LLM:
         once (dsv2.model.onednn; gemv_layout is then moot), "torch" through F.linear; "auto" (default) packs on an
         x86 CPU when the engine loads the checkpoint itself and does not compile -- a model passed in is packed
         only if asked, since packing makes it inference-only."""
-        self.device = torch.device(device)
+        self.device = _check_device(device)
         if isinstance(model, Transformer):
             self.model = model.eval()
         else:
@@ -128,15 +143,24 @@ class LLM:
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)
         self.dtype = next(self.model.parameters()).dtype
         warn_if_bf16_is_slow(self.dtype, self.device, "the engine runs", "pass dtype=\"float32\" (--dtype float32)")
-        cache_dtype = FP8 if cache_dtype in ("fp8", "fp8_e4m3", FP8) else (_dtype(cache_dtype) or self.dtype)
+        cache_dtype = _cache_dtype(cache_dtype, self.dtype)
         self.cache_bytes_per_token = PagedLatentCache.bytes_per_token(self.cfg, cache_dtype)
-        self.max_model_len = self.cfg.max_position_embeddings
+        context = self.cfg.max_position_embeddings
+        if max_model_len is not None and not 0 < max_model_len <= context:
+            raise ValueError(f"max_model_len={max_model_len} must be in [1, {context}] (the model's context)")
+        self.max_model_len = max_model_len or context
         if max_cache_tokens is None:
             budget = int(cache_memory_fraction * available_memory(self.device)) // self.cache_bytes_per_token
             max_cache_tokens = min(budget, max_num_seqs * self.max_model_len)
         if max_cache_tokens < block_size:
             raise ValueError(f"max_cache_tokens={max_cache_tokens} is less than one block of {block_size} tokens")
         num_blocks = math.ceil(max_cache_tokens / block_size)
+        if num_blocks * block_size < self.max_model_len:
+            # A sequence longer than the cache could only preempt itself and wait forever for room.
+            log.warning("the latent cache holds %d tokens, less than max_model_len %d: requests are capped at "
+                        "%d tokens (prompt + output); give more cache (max_cache_tokens) for longer ones",
+                        num_blocks * block_size, self.max_model_len, num_blocks * block_size)
+            self.max_model_len = num_blocks * block_size
         self.cache = PagedLatentCache(self.cfg, num_blocks, block_size, cache_dtype, self.device)
         self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens)
@@ -147,6 +171,8 @@ class LLM:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._rng = random.Random()
+        self._failed_in_a_row = 0
+        self.failed_steps = 0
 
     # ---------------------------------------------------------------- incremental API
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -159,7 +185,8 @@ class LLM:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.max_model_len}")
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room for output in a context of "
+                             f"{self.max_model_len} tokens (prompt + output)")
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token ids outside the vocabulary [0, {self.cfg.vocab_size}): {bad[:5]}")
@@ -191,15 +218,25 @@ class LLM:
         return bool(self._requests)
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the requests that produced tokens, with everything they have so far."""
+        """Run one engine step; returns the requests that produced tokens, with everything they have so far.
+
+        If the model or the sampler raises, the requests of this step finish with finish_reason "error" (their
+        blocks freed) and the others go on; EngineDeadError when the engine itself cannot go on."""
         batch = self.scheduler.schedule()
         if not batch:
+            if self._requests:  # every admitted request must be able to progress; never spin on it
+                raise EngineDeadError(f"the scheduler made no progress with {len(self._requests)} requests held")
             return []
-        logits = self.runner.run(batch)
-        self.scheduler.update(batch)
         sampled = [self._states[item.seq.seq_id] for item in batch if item.samples]
-        rows = [SamplerInput(s.request.params, s.generator, s.request.prompt_ids, s.out.token_ids) for s in sampled]
-        tokens, logprobs = sample(logits, rows)
+        try:
+            logits = self.runner.run(batch)
+            rows = [SamplerInput(s.request.params, s.generator, s.request.prompt_ids, s.out.token_ids)
+                    for s in sampled]
+            tokens, logprobs = sample(logits, rows)
+        except Exception as e:  # noqa: BLE001 -- contained: only this step's requests fail
+            return self._fail(batch, e)
+        self._failed_in_a_row = 0
+        self.scheduler.update(batch)
         touched: dict[str, _Request] = {}
         for state, token, logprob in zip(sampled, tokens, logprobs):
             self._append(state, token, logprob)
@@ -209,6 +246,26 @@ class LLM:
             if out.finished:
                 del self._requests[out.request_id]
         return outputs
+
+    def _fail(self, batch: list[Scheduled], error: Exception) -> list[RequestOutput]:
+        """Finish every request with a sequence in the failed step, with finish_reason "error"."""
+        self.failed_steps += 1
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+            raise EngineDeadError(f"{self._failed_in_a_row} engine steps failed in a row; last: "
+                                  f"{type(error).__name__}: {error}") from error
+        log.error("engine step failed; its requests end with an error", exc_info=error)
+        failed = {self._states[item.seq.seq_id].request.request_id: self._states[item.seq.seq_id].request
+                  for item in batch}
+        for request in failed.values():
+            request.error = f"{type(error).__name__} while computing this request"
+            for state in request.seqs:
+                if state.out.finish_reason is None:
+                    self.scheduler.finish(state.seq)
+                    del self._states[state.seq.seq_id]
+                    state.out.finish_reason = "error"
+            del self._requests[request.request_id]
+        return [self._output(r) for r in failed.values()]
 
     # ---------------------------------------------------------------- batch API
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
@@ -271,6 +328,7 @@ class LLM:
             "cache_blocks_used": self.allocator.num_blocks - self.allocator.num_free,
             "prefix_cache_hit_blocks": self.allocator.hits,
             "preemptions": self.scheduler.num_preemptions,
+            "failed_steps": self.failed_steps,
         }
 
     # ---------------------------------------------------------------- internals
@@ -322,7 +380,8 @@ class LLM:
         out.text = state.full_text if out.finish_reason else _hold_back(state.full_text, params.stop)
 
     def _output(self, request: _Request) -> RequestOutput:
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, [s.out for s in request.seqs])
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, [s.out for s in request.seqs],
+                             request.error)
 
 
 def _find_stop(text: str, stops: Iterable[str], new_from: int) -> tuple[int, str] | None:
@@ -340,6 +399,37 @@ def _hold_back(text: str, stops: Sequence[str]) -> str:
                 hold = k
                 break
     return text[: len(text) - hold]
+
+
+def _check_device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: "
+                         + ("no CUDA device is visible" if torch.backends.cuda.is_built() else
+                            f"this torch build ({torch.__version__}) has no CUDA support"))
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; dsv2 runs on 'cpu' and 'cuda'")
+    return dev
+
+
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cache_dtype(value: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The latent cache's storage: the model dtype (default), another float dtype, or fp8 e4m3."""
+    if value in ("fp8", "fp8_e4m3", FP8):
+        return FP8
+    try:
+        dtype = _dtype(value) or model_dtype
+    except ValueError:
+        dtype = None
+    if dtype not in _CACHE_DTYPES:
+        raise ValueError(f"cache dtype {value!r} is not supported; use the model's dtype (default), float32, "
+                         "bfloat16, float16 or fp8")
+    return dtype
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:

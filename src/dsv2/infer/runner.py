@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 
 from dsv2.infer.cache import PagedLatentCache
 from dsv2.infer.scheduler import Scheduled
@@ -93,6 +95,11 @@ def transpose_weights_for_gemv_(model: Transformer) -> None:
                 module.w2.data = module.w2.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+# What torch.compile raises when it cannot build the graph (dynamo wraps inductor's and the C++ compiler's
+# failures in BackendCompilerFailed). Anything else -- a bug, out of memory -- is the step's own error.
+_COMPILER_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedLatentCache, compile_decode: bool = False) -> None:
         """compile_decode: run decode-only steps through one torch.compile'd graph of the whole model (steps
@@ -142,7 +149,7 @@ class ModelRunner:
                 hidden = self._compiled(ids_t, pos_t, cache=backend)[0]
                 self.compiled_steps += 1
                 return hidden
-            except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for inductor: decode eagerly instead
+            except _COMPILER_ERRORS as e:  # e.g. no C++ compiler for inductor: decode eagerly instead
                 warnings.warn(f"compiled decode failed ({type(e).__name__}: {e}); decoding eagerly from now on",
                               stacklevel=2)
                 self._compiled = None

@@ -141,3 +141,16 @@ def test_bad_shard_size(tmp_path: Path) -> None:
         save(model, tmp_path, max_shard_size="big")
     with pytest.raises(ValueError, match="must be positive"):
         save(model, tmp_path, max_shard_size=0)
+
+
+def test_saved_files_get_the_umask_mode(tmp_path: Path) -> None:
+    """safetensors writes its shards 0600; every file of a saved checkpoint gets what the umask gives (0644)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save(Transformer(small_config()), tmp_path, max_shard_size="200KB")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {0o644}, modes

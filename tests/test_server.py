@@ -44,11 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(ckpt: Path | None, *extra: str) -> tuple[subprocess.Popen, int]:
-    """`dsv2 serve` on a free loopback port: `ckpt` served as NAME, or (None) the shipped default model."""
+def _start(ckpt: Path | None, *extra: str, launcher: tuple[str, ...] = ("dsv2.cli",)) -> tuple[subprocess.Popen, int]:
+    """`dsv2 serve` on a free loopback port: `ckpt` served as NAME, or (None) the shipped default model.
+    launcher: the module (and its arguments) that runs the command line, `python -m dsv2.cli` by default."""
     port = _free_port()
     model = ["--model", str(ckpt), "--served-model-name", NAME] if ckpt is not None else []
-    cmd = [sys.executable, "-m", "dsv2.cli", "serve", *model, "--port", str(port), "--dtype", "float32",
+    cmd = [sys.executable, "-m", *launcher, "serve", *model, "--port", str(port), "--dtype", "float32",
            "--max-cache-tokens", "4096", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "DSV2_API_KEY": ""})
@@ -148,7 +149,7 @@ def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
-def test_completions_prompts_echo_and_stream(client: openai.OpenAI, local: LLM) -> None:
+def test_completions_prompts_echo_and_stream(server: int, client: openai.OpenAI, local: LLM) -> None:
     resp = client.completions.create(model=NAME, prompt=["Hello", "The sky is"], max_tokens=8, temperature=0)
     refs = local.generate(["Hello", "The sky is"], SamplingParams(max_tokens=8, temperature=0))
     assert [c.text for c in resp.choices] == [r.outputs[0].text for r in refs]
@@ -157,6 +158,16 @@ def test_completions_prompts_echo_and_stream(client: openai.OpenAI, local: LLM) 
     ids = refs[0].prompt_token_ids
     by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0, echo=True)
     assert by_ids.choices[0].text == local.tokenizer.decode(ids) + refs[0].outputs[0].text
+    # a string prompt is echoed as sent, without the BOS token the tokenizer put before it
+    by_text = client.completions.create(model=NAME, prompt="Hello", max_tokens=8, temperature=0, echo=True)
+    assert by_text.choices[0].text == "Hello" + refs[0].outputs[0].text
+    # text_offset counts from the start of the prompt, echoed or not (OpenAI's legacy completions)
+    lp = client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0, logprobs=1)
+    assert lp.choices[0].logprobs.text_offset[0] == len("Hello")
+    pieces = lp.choices[0].logprobs.tokens
+    assert lp.choices[0].logprobs.text_offset == [len("Hello") + len("".join(pieces[:i])) for i in range(3)]
+    status, body, _ = _post(server, "/v1/completions", {"model": NAME, "prompt": "Hi", "echo": True, "logprobs": 1})
+    assert status == 400 and body["error"]["param"] == "echo"
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=NAME, prompt="Hello", max_tokens=8, temperature=0, stream=True) if c.choices)
     assert streamed == refs[0].outputs[0].text
@@ -236,7 +247,7 @@ def test_malformed_requests_never_give_5xx(server: int) -> None:
     cases += [("POST", "/v1/chat/completions", json.dumps(v)) for v in (1, "s", True, {"model": NAME},
                                                                           {"messages": MESSAGES})]
     cases += [("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "hi", **c})) for c in (
-        {"max_tokens": 0}, {"max_tokens": "5"}, {"temperature": None}, {"n": 1.5}, {"top_p": -1},
+        {"max_tokens": 0}, {"max_tokens": "5"}, {"temperature": "hot"}, {"n": 1.5}, {"top_p": -1},
         {"stop": 7}, {"stream_options": {"include_usage": "y"}}, {"max_tokens": 10**7})]
     assert len(cases) >= 50
     for method, path, body in cases:
@@ -312,14 +323,18 @@ def test_full_queue_gets_429_with_retry_after(ckpt: Path) -> None:
 
 
 def test_sigterm_ends_in_flight_streams_cleanly(ckpt: Path) -> None:
-    # No grace: the stream in flight is aborted at once, and still ends with a final chunk, not a cut connection.
+    # No grace: the stream in flight is aborted at once, and still ends with an error event (OpenAI has no
+    # finish_reason for it) that the client reports, not a cut connection.
     proc, port = _start(ckpt, "--graceful-timeout", "0")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
     stream = client.completions.create(model=NAME, prompt="Hi", max_tokens=400, temperature=0, stream=True)
     first = next(iter(stream))
     assert first.choices[0].text is not None
-    stopper = threading.Thread(target=_stop, args=(proc,))
+    out: list[str] = []
+    stopper = threading.Thread(target=lambda: out.append(_stop(proc)))
     stopper.start()
-    reasons = [c.choices[0].finish_reason for c in stream if c.choices]
+    with pytest.raises(openai.APIError, match="the server is shutting down"):
+        for chunk in stream:
+            assert not chunk.choices or chunk.choices[0].finish_reason is None
     stopper.join()
-    assert reasons[-1] == "abort"
+    assert "dsv2: shutting down" in out[0] and "stopped serving" in out[0]

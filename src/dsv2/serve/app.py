@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API: routes, streaming, auth, limits, metrics.
 
 Every client mistake becomes a 4xx with OpenAI's error JSON ({"error": {"message", "type", "param",
-"code"}}); a 5xx means a bug in dsv2 and never carries a stack trace.
+"code"}}); a 5xx means the engine failed (the request's step raised: 500; the engine is gone or the server is
+stopping: 503) and never carries a stack trace. A stream that fails after it started ends with an error event,
+then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv2.infer import LLM, CompletionOutput, RequestOutput, SamplingParams
+from dsv2.infer import LLM, CompletionOutput, EngineDeadError, RequestOutput, SamplingParams
 from dsv2.serve.engine_loop import EngineLoop
 from dsv2.serve.metrics import Metrics
 from dsv2.serve.protocol import (ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage)
@@ -40,10 +43,16 @@ class ServerConfig:
     max_concurrent: int = 64  # requests the engine runs at once (its max_num_seqs)
     max_queue: int = 256  # requests waiting beyond those; more get 429
     max_body_bytes: int = 4 * 1024 * 1024
+    log_requests: bool = True  # one access-log line per request on the "dsv2.access" logger
 
 
-def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
-    engine = EngineLoop(llm)
+access_log = logging.getLogger("dsv2.access")
+
+
+def create_app(llm: LLM, config: ServerConfig, on_fatal: Callable[[BaseException], None] | None = None
+               ) -> FastAPI:
+    """on_fatal: called (from the engine thread) when the engine cannot go on; `dsv2 serve` stops the process."""
+    engine = EngineLoop(llm, on_fatal)
     metrics = Metrics(lambda: engine.stats)
 
     @asynccontextmanager
@@ -51,16 +60,22 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         engine.start()
         yield
         engine.stop()
+        logging.getLogger("dsv2").info("stopped serving")
 
     app = FastAPI(title="dsv2", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.metrics = engine, metrics
     _install_error_handlers(app, metrics)
     _install_body_limit(app, config.max_body_bytes, metrics)
+    if config.log_requests:
+        app.add_middleware(_AccessLog)
     auth = _auth_dependency(config.api_key)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if engine.healthy:
+            return JSONResponse({"status": "ok"})
+        reason = str(engine.dead) if engine.dead is not None else "the engine is not running"
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -73,7 +88,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat(req: ChatCompletionRequest) -> Response:
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         _check_model(req.model, config)
         tokenizer = _tokenizer(llm)
         try:
@@ -83,12 +98,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             raise APIError(400, str(e), param="messages") from e
         params = _params(req, llm, len(prompt), req.requested_max_tokens, req.num_logprobs, "messages")
         job = _Job(engine, metrics, config, new_id("chatcmpl"), [prompt], params, req.model, "chat")
-        return await job.respond(req.stream, bool(req.stream_options and req.stream_options.include_usage))
+        return await job.respond(request, req.stream,
+                                 bool(req.stream_options and req.stream_options.include_usage))
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(req: CompletionRequest) -> Response:
+    async def completions(req: CompletionRequest, request: Request) -> Response:
         _check_model(req.model, config)
-        prompts = [_tokenizer(llm).encode(p) if isinstance(p, str) else p for p in req.prompts()]
+        given = req.prompts()
+        prompts = [_tokenizer(llm).encode(p) if isinstance(p, str) else p for p in given]
         if any(not p for p in prompts):
             raise APIError(400, "prompt is empty", param="prompt")
         bad = [t for p in prompts for t in p if not 0 <= t < llm.cfg.vocab_size]
@@ -96,8 +113,17 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"token ids outside the vocabulary [0, {llm.cfg.vocab_size}): {bad[:5]}",
                            param="prompt")
         params = _params(req, llm, max(map(len, prompts)), req.max_tokens, req.logprobs, "prompt")
-        job = _Job(engine, metrics, config, new_id("cmpl"), prompts, params, req.model, "text", echo=req.echo)
-        return await job.respond(req.stream, bool(req.stream_options and req.stream_options.include_usage))
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs asks for the prompt's logprobs, which dsv2 does not compute yet",
+                           param="echo")
+        # The prompt as the client sent it (echo returns it; text_offset counts from its start): a string as
+        # it came, without the BOS the tokenizer adds; token ids decoded, each of them, BOS included if sent.
+        texts = [p if isinstance(p, str) else _tokenizer(llm).decode(p) if (req.echo or req.logprobs is not None)
+                 else "" for p in given]
+        job = _Job(engine, metrics, config, new_id("cmpl"), prompts, params, req.model, "text", echo=req.echo,
+                   prompt_texts=texts)
+        return await job.respond(request, req.stream,
+                                 bool(req.stream_options and req.stream_options.include_usage))
 
     return app
 
@@ -107,38 +133,65 @@ class _Job:
     """One HTTP request: one or more prompts, each an engine request with n completions."""
 
     def __init__(self, engine: EngineLoop, metrics: Metrics, config: ServerConfig, response_id: str,
-                 prompts: list[list[int]], params: SamplingParams, model: str, kind: str, echo: bool = False
-                 ) -> None:
+                 prompts: list[list[int]], params: SamplingParams, model: str, kind: str, echo: bool = False,
+                 prompt_texts: list[str] | None = None) -> None:
         self.engine, self.metrics, self.config = engine, metrics, config
         self.id, self.prompts, self.params, self.model, self.kind = response_id, prompts, params, model, kind
         self.echo, self.tokenizer = echo, engine.llm.tokenizer
+        self.prompt_texts = prompt_texts or [""] * len(prompts)
         self.created = now()
         self.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
 
-    async def respond(self, stream: bool, include_usage: bool) -> Response:
+    async def respond(self, request: Request, stream: bool, include_usage: bool) -> Response:
+        if not self.engine.healthy:
+            raise _engine_gone(self.engine)
         if self.engine.in_flight + len(self.prompts) > self.config.max_concurrent + self.config.max_queue:
             raise APIError(429, "the server is busy: too many requests in flight; retry shortly",
                            type_="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
         self.started = time.perf_counter()
+        self.usage = request.state.usage = {"prompt_tokens": sum(map(len, self.prompts)), "completion_tokens": 0}
+        self.generated = [0] * len(self.prompts)
         queues = [self.engine.submit(rid, p, self.params) for rid, p in zip(self.request_ids, self.prompts)]
         if stream:
             return StreamingResponse(self._sse(queues, include_usage), media_type="text/event-stream")
         try:
-            finals = [await self._last(q) for q in queues]
+            finals = [await self._last(p, q) for p, q in enumerate(queues)]
         finally:
             self._abort_unfinished()
-        self.metrics.finished(sum(map(len, self.prompts)), sum(len(o.token_ids) for f in finals for o in f.outputs))
+        self.metrics.finished(self.usage["prompt_tokens"], self.usage["completion_tokens"])
         return JSONResponse(self._full_response(finals))
 
-    async def _last(self, updates: asyncio.Queue) -> RequestOutput:
+    async def _last(self, prompt: int, updates: asyncio.Queue) -> RequestOutput:
         timer = _TokenTimer(self.metrics, self.started)
         while True:
             item = await updates.get()
-            if isinstance(item, ValueError):
-                raise APIError(400, str(item), param="prompt" if self.kind == "text" else "messages")
+            if (error := self._error(item)) is not None:
+                raise error
             timer.observe(item)
+            self._progress(prompt, item)
             if item.finished:
                 return item
+
+    def _error(self, item: object) -> APIError | None:
+        """What the client is told when an update is not progress: the prompt was refused (400), the engine
+        failed this request's step (500), the server is stopping (503) or the engine is gone (503)."""
+        if isinstance(item, ValueError):
+            return APIError(400, str(item), param="prompt" if self.kind == "text" else "messages")
+        if isinstance(item, EngineDeadError):
+            return _engine_gone(self.engine)
+        reasons = {o.finish_reason for o in item.outputs}
+        if "error" in reasons:
+            return APIError(500, f"the engine failed on this request ({item.error}); other requests are unaffected",
+                            type_="server_error", code="engine_error")
+        if "abort" in reasons:  # only the server aborts a request whose client is still there: it is stopping
+            return APIError(503, "the server is shutting down; retry on another instance", type_="server_error",
+                            code="server_shutting_down")
+        return None
+
+    def _progress(self, prompt: int, item: RequestOutput) -> None:
+        """Keep the access log's token count current, so a stream the client left still logs what it got."""
+        self.generated[prompt] = sum(len(o.token_ids) for o in item.outputs)
+        self.usage["completion_tokens"] = sum(self.generated)
 
     def _abort_unfinished(self) -> None:
         for rid in self.request_ids:
@@ -157,20 +210,21 @@ class _Job:
                 timer = _TokenTimer(self.metrics, self.started)
                 while True:
                     item = await updates.get()
-                    if isinstance(item, ValueError):
+                    if (error := self._error(item)) is not None:
                         done = True
-                        self.metrics.rejected(400)
-                        yield _event(error_body(str(item)))
+                        self.metrics.rejected(error.status)
+                        yield _event(error.body)
+                        yield "data: [DONE]\n\n"
                         return
                     timer.observe(item)
+                    self._progress(p, item)
                     choices = [c for o in item.outputs if (c := self._delta(p, o, sent)) is not None]
                     if choices:
                         yield _event(self._chunk(choices))
                     if item.finished:
                         finals.append(item)
                         break
-            self.metrics.finished(sum(map(len, self.prompts)),
-                                  sum(len(o.token_ids) for f in finals for o in f.outputs))
+            self.metrics.finished(self.usage["prompt_tokens"], self.usage["completion_tokens"])
             if include_usage:
                 yield _event(self._chunk([], usage=self._usage(finals)))
             done = True
@@ -191,13 +245,13 @@ class _Job:
         text_from, tok_from = sent.get(key, (0, 0))
         text = out.text[text_from:]
         if self.kind == "text" and first and self.echo:
-            text = self.tokenizer.decode(self.prompts[prompt]) + text
+            text = self.prompt_texts[prompt] + text
         if not text and out.finish_reason is None:
             return None
         new_logprobs = out.logprobs[tok_from:] if out.logprobs is not None else None
         sent[key] = (len(out.text), len(out.token_ids))
         choice: dict[str, Any] = {"index": self._index(prompt, out.index), "finish_reason": out.finish_reason,
-                                  "logprobs": self._logprobs(new_logprobs, text_from)}
+                                  "logprobs": self._logprobs(new_logprobs, prompt, text_from)}
         if self.kind == "chat":
             choice["delta"] = {"content": text} if text else {}
         else:
@@ -220,18 +274,19 @@ class _Job:
         for p, final in enumerate(finals):
             for o in final.outputs:
                 choice: dict[str, Any] = {"index": self._index(p, o.index), "finish_reason": o.finish_reason,
-                                          "logprobs": self._logprobs(o.logprobs, 0)}
+                                          "logprobs": self._logprobs(o.logprobs, p, 0)}
                 if self.kind == "chat":
                     choice["message"] = {"role": "assistant", "content": o.text}
                 else:
-                    prefix = self.tokenizer.decode(self.prompts[p]) if self.echo else ""
-                    choice["text"] = prefix + o.text
+                    choice["text"] = (self.prompt_texts[p] if self.echo else "") + o.text
                 choices.append(choice)
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 "usage": self._usage(finals)}
 
-    def _logprobs(self, entries: list[Any] | None, text_offset: int) -> dict[str, Any] | None:
+    def _logprobs(self, entries: list[Any] | None, prompt: int, text_from: int) -> dict[str, Any] | None:
+        """text_from: where in the completion's text these entries start; text_offset counts from the start
+        of the prompt, as OpenAI's does, echoed or not."""
         if entries is None:
             return None
         tok = self.tokenizer
@@ -244,7 +299,7 @@ class _Job:
                                  "bytes": list(piece(e.token_id).encode()),
                                  "top_logprobs": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
                                                   for t, lp in e.top]} for e in entries]}
-        offsets, pos = [], text_offset
+        offsets, pos = [], len(self.prompt_texts[prompt]) + text_from
         for e in entries:
             offsets.append(pos)
             pos += len(piece(e.token_id))
@@ -267,6 +322,40 @@ class _TokenTimer:
             else:
                 self.metrics.itl.observe((t - self.last) / (tokens - self.tokens))
             self.last, self.tokens = t, tokens
+
+
+def _engine_gone(engine: EngineLoop) -> APIError:
+    return APIError(503, f"the engine is not running ({engine.dead or 'stopped'}); the server is restarting",
+                    type_="server_error", code="engine_unavailable")
+
+
+class _AccessLog:
+    """One line per HTTP request when its response has gone out (a stream: when it ends or the client left):
+    client, method, path, status, prompt/completion tokens where a generation ran, latency."""
+
+    def __init__(self, app: Any) -> None:  # noqa: ANN401 (an ASGI app)
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def send_and_see(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_see)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            usage = scope.get("state", {}).get("usage")
+            tokens = f" prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}" \
+                if usage else ""
+            access_log.info('%s:%s "%s %s" %d%s %.3fs', client[0], client[1], scope["method"], scope["path"],
+                            status[0], tokens, time.perf_counter() - started)
 
 
 def _event(obj: dict[str, Any]) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_compile_arg(p)
     p.add_argument("--graceful-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long in-flight requests may run before they are aborted")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no access-log line per request (method, path, status, tokens, latency)")
     p.set_defaults(func=run_serve)
 
 
@@ -40,6 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
+    _log_to_stderr()
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
               cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile,
               gemm=args.gemm)
@@ -48,27 +53,51 @@ def run_serve(args: argparse.Namespace) -> int:
         llm.warm_up()
     names = args.served_model_name or [model_dir.resolve().name]
     config = ServerConfig(names, api_key=args.api_key or os.environ.get("DSV2_API_KEY") or None,
-                          max_concurrent=args.max_concurrent, max_queue=args.max_queue)
-    app = create_app(llm, config)
+                          max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                          log_requests=not args.disable_log_requests)
+    fatal: list[BaseException] = []
+    server: list[Any] = []
+
+    def on_fatal(error: BaseException) -> None:  # the engine thread is gone: stop serving, exit non-zero
+        fatal.append(error)
+        if server:
+            server[0].should_exit = True
+
+    app = create_app(llm, config, on_fatal)
     print(f"dsv2: serving {names[0]} at http://{args.host}:{args.port}/v1", flush=True)
-    _run_uvicorn(app, args.host, args.port, args.graceful_timeout)
+    _run_uvicorn(app, args.host, args.port, args.graceful_timeout, server)
+    if fatal:
+        print(f"dsv2: stopped: the engine failed ({fatal[0]})", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
-def _run_uvicorn(app: Any, host: str, port: int, grace_s: float) -> None:  # noqa: ANN401 (a FastAPI app)
+def _log_to_stderr() -> None:
+    """The "dsv2" loggers (engine warnings, the access log) to stderr, time-stamped like uvicorn's own lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s", datefmt="%m-%d %H:%M:%S"))
+    log = logging.getLogger("dsv2")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _run_uvicorn(app: Any, host: str, port: int, grace_s: float, holder: list[Any]) -> None:  # noqa: ANN401
     """uvicorn, but on SIGINT/SIGTERM in-flight requests get `grace_s` seconds to finish, then the engine aborts
-    the rest, so every stream still ends with a final chunk (finish_reason "abort"). uvicorn alone waits its
-    graceful timeout and then cuts connections mid-stream; its timeout here is longer than the grace, so the
-    abort chunks go out first."""
+    the rest, so every stream still ends with an error event and [DONE] rather than a cut connection. uvicorn
+    alone waits its graceful timeout and then cuts connections mid-stream; its timeout here is longer than the
+    grace, so the abort events go out first. The server is put in `holder` for the engine's fatal callback."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: ANN401
             if not self.should_exit:
+                print(f"dsv2: shutting down; in-flight requests have {grace_s:g} s to finish", flush=True)
                 timer = threading.Timer(grace_s, app.state.engine.stop)
                 timer.daemon = True  # an idle server exits at once, without waiting for it
                 timer.start()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                          timeout_graceful_shutdown=grace_s + 5)).run()
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=grace_s + 5))
+    holder.append(server)
+    server.run()

@@ -3,26 +3,36 @@
 Handlers never touch the engine directly. They send commands (add, abort) through a queue; the engine
 thread applies them between steps and hands each request's progress back to its asyncio.Queue as an
 immutable snapshot, so a handler never reads an output the engine is still mutating.
+
+A step that fails finishes its own requests with an error (the engine does that); anything that escapes
+`step()` means the engine cannot go on: every waiting handler gets an EngineDeadError at once, later
+submissions too, and `on_fatal` tells the server to stop, so a supervisor can restart the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from dsv2.infer import LLM, RequestOutput, SamplingParams
+from dsv2.infer import LLM, EngineDeadError, RequestOutput, SamplingParams
+
+log = logging.getLogger("dsv2")
 
 
 class EngineLoop:
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.llm = llm
         self.stats: dict[str, int] = llm.stats()
+        self.dead: EngineDeadError | None = None  # set once, when the engine thread ends by an error
+        self._on_fatal = on_fatal
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # `dead` and `_streams` change together: no stream registers after death
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsv2-engine", daemon=True)
 
@@ -30,15 +40,24 @@ class EngineLoop:
         self._thread.start()
 
     def stop(self) -> None:
-        """Abort whatever is in flight (their streams end with finish_reason "abort") and join the thread."""
+        """Abort whatever is in flight (the engine finishes them with "abort") and join the thread."""
         self._stopping.set()
         self._commands.put(("wake",))
         self._thread.join()
 
+    @property
+    def healthy(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
     def submit(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> asyncio.Queue:
-        """Queue a request; its RequestOutput snapshots (or a ValueError) arrive on the returned queue."""
+        """Queue a request; its RequestOutput snapshots (or a ValueError, or an EngineDeadError) arrive on the
+        returned queue, the last one final."""
         updates: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), updates)
+        with self._lock:
+            if self.dead is not None:
+                updates.put_nowait(self.dead)
+                return updates
+            self._streams[request_id] = (asyncio.get_running_loop(), updates)
         self._commands.put(("add", request_id, list(prompt), params))
         return updates
 
@@ -51,6 +70,12 @@ class EngineLoop:
 
     # ---------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 -- whatever it was, the engine is gone: say so to everyone
+            self._die(e)
+
+    def _serve(self) -> None:
         while not self._stopping.is_set():
             if not self.llm.has_unfinished():
                 self._apply(self._commands.get())  # idle: sleep until a command arrives
@@ -67,6 +92,17 @@ class EngineLoop:
             self._abort(request_id)
         self.stats = self.llm.stats()
 
+    def _die(self, error: BaseException) -> None:
+        log.critical("the engine stopped: %s: %s", type(error).__name__, error, exc_info=error)
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(f"{type(error).__name__}: {error}")
+        with self._lock:
+            self.dead = dead
+            streams, self._streams = self._streams, {}
+        for loop, updates in streams.values():
+            _put(loop, updates, dead)
+        if self._on_fatal is not None:
+            self._on_fatal(dead)
+
     def _apply(self, command: tuple[Any, ...]) -> None:
         if command[0] == "add":
             _, request_id, prompt, params = command
@@ -81,7 +117,8 @@ class EngineLoop:
         out = self.llm.abort(request_id)
         if out is not None:
             self._deliver(out)
-        self._streams.pop(request_id, None)
+        with self._lock:
+            self._streams.pop(request_id, None)
 
     def _deliver(self, out: RequestOutput) -> None:
         snapshot = dataclasses.replace(out, outputs=[dataclasses.replace(
@@ -90,7 +127,14 @@ class EngineLoop:
         self._send(out.request_id, snapshot, final=out.finished)
 
     def _send(self, request_id: str, item: object, final: bool) -> None:
-        target = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+        with self._lock:
+            target = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
         if target is not None:
-            loop, updates = target
-            loop.call_soon_threadsafe(updates.put_nowait, item)
+            _put(*target, item)
+
+
+def _put(loop: asyncio.AbstractEventLoop, updates: asyncio.Queue, item: object) -> None:
+    try:
+        loop.call_soon_threadsafe(updates.put_nowait, item)
+    except RuntimeError:  # the event loop already closed (the server is exiting): nobody is waiting
+        pass

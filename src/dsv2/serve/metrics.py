@@ -25,7 +25,9 @@ class Metrics:
         self.itl = Histogram("dsv2_inter_token_latency_seconds", "Time between consecutive tokens",
                              buckets=_LATENCY_BUCKETS, registry=r)
         gauges = {"running": "Requests being computed", "waiting": "Requests queued for the engine",
-                  "cache_blocks_used": "Latent cache blocks in use", "cache_blocks_total": "Latent cache blocks"}
+                  "cache_blocks_used": "Latent cache blocks in use", "cache_blocks_total": "Latent cache blocks",
+                  "preemptions": "Sequences preempted (recomputed later) since start",
+                  "failed_steps": "Engine steps that raised (their requests got an error) since start"}
         for key, doc in gauges.items():
             Gauge(f"dsv2_{key}", doc, registry=r).set_function(lambda key=key: engine_stats()[key])
 

@@ -27,7 +27,7 @@ from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2.infer.blocks import BlockAllocator
 from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
 from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
-from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, sample
+from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, generation_defaults, sample
 from dsv2.infer.scheduler import Scheduled, Scheduler
 from dsv2.infer.scheduler import Sequence as SchedSeq
 from dsv2.model import Transformer, onednn
@@ -123,10 +123,14 @@ class LLM:
         x86 CPU when the engine loads the checkpoint itself and does not compile -- a model passed in is packed
         only if asked, since packing makes it inference-only."""
         self.device = _check_device(device)
+        # What a request that leaves a sampling field unset gets (the server and the CLI read it): the
+        # checkpoint's generation_config.json, as transformers and vLLM use it.
+        self.generation_defaults: dict[str, Any] = {}
         if isinstance(model, Transformer):
             self.model = model.eval()
         else:
             path = Path(model) if model is not None else default_model_dir()
+            self.generation_defaults = generation_defaults(path)
             self.model = load(path, dtype=_dtype(dtype), device=self.device)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path

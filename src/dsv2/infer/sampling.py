@@ -1,14 +1,18 @@
 """SamplingParams and the batched sampler.
 
-The sampler works on a (N, vocab) block of fp32 logits, one row per sequence: penalties, temperature,
-top-k / top-p / min-p masks and the draw are tensor ops over the whole batch. Randomness comes from one
-torch.Generator per sequence, so a seeded request samples the same tokens alone or in any batch.
+The sampler works on a (N, vocab) block of fp32 logits, one row per sequence: logit bias, penalties,
+temperature, top-k / top-p / min-p masks and the draw are tensor ops over the whole batch. Randomness comes
+from one torch.Generator per sequence, so a seeded request samples the same tokens alone or in any batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +36,9 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # number of top alternatives to report per token (0: the sampled one only)
     skip_special_tokens: bool = True
+    # token id -> bias added to its logit before anything else (OpenAI's logit_bias; -100 bans, +100 forces).
+    # Given as a dict or pairs; stored as (id, bias) pairs sorted by id, so that the params stay hashable.
+    logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,10 +64,23 @@ class SamplingParams:
         _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
+    what = "a {token id: bias} mapping or (token id, bias) pairs, ids >= 0, biases in [-100, 100]"
+    pairs = list(bias.items()) if isinstance(bias, Mapping) else bias
+    _require(isinstance(pairs, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs),
+             "logit_bias", what, bias)
+    _require(all(_is_int(t) and t >= 0 and _is_num(b) and -100 <= b <= 100 for t, b in pairs), "logit_bias", what,
+             bias)
+    ids = [t for t, _ in pairs]
+    _require(len(set(ids)) == len(ids), "logit_bias", "free of repeated token ids", bias)
+    return tuple(sorted((t, float(b)) for t, b in pairs))
 
 
 def _is_int(v: object) -> bool:
@@ -96,6 +116,7 @@ class SamplerInput:
 def sample(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits (N, V) fp32 -> one token id per row, and its logprobs where asked."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+    logits = _apply_logit_bias(logits, rows)
     logits = _apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -106,9 +127,28 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> tuple[list[int
         # for each row comes from that row's own generator.
         noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(
             generator=rows[i].generator) for i in random_rows])
-        tokens[idx] = (probs / noise).argmax(dim=-1)
+        # E_i can come out exactly 0: p / 0 is inf, and 0 / 0 on a filtered-out token is NaN, which argmax picks.
+        # Clamped to the smallest normal float, p / E stays finite (p <= 1); filtered-out tokens score -1, below
+        # every kept one (>= 0), whatever the noise.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        tokens[idx] = torch.where(probs > 0, probs / noise, -1.0).argmax(dim=-1)
     token_list = tokens.tolist()
     return token_list, _logprobs(logprobs, token_list, rows)
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> torch.Tensor:
+    """Add each row's logit_bias: one accumulate-index_put over all (row, token) pairs of the batch."""
+    if not any(r.params.logit_bias for r in rows):
+        return logits
+    row_ids = [i for i, r in enumerate(rows) for _ in r.params.logit_bias]
+    token_ids = [t for r in rows for t, _ in r.params.logit_bias]
+    biases = [b for r in rows for _, b in r.params.logit_bias]
+    V = logits.shape[-1]
+    if max(token_ids) >= V:  # index_put would fail with an opaque index error (or a device assert on CUDA)
+        raise ValueError(f"logit_bias names token id {max(token_ids)}, outside the vocabulary [0, {V})")
+    device = logits.device
+    index = (torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device))
+    return logits.index_put(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> torch.Tensor:
@@ -165,4 +205,42 @@ def _logprobs(logprobs: torch.Tensor | None, tokens: list[int], rows: Sequence[S
         n = r.params.logprobs
         out.append(None if n is None else TokenLogprob(tokens[i], chosen[i], list(zip(top_ids[i][:n],
                                                                                          top_vals[i][:n]))))
+    return out
+
+
+# generation_config.json keys that are sampling defaults, and the types SamplingParams takes them in.
+_GENERATION_KEYS: dict[str, type] = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                                     "repetition_penalty": float}
+
+
+def generation_defaults(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's own sampling defaults (its generation_config.json) as SamplingParams keywords: what a
+    request that leaves a field unset gets. DeepSeek-V2 ships temperature 0.3 and top_p 0.95; dsv2-tiny ships
+    `do_sample: false`, i.e. greedy. No file: {}. As in transformers, `do_sample: false` means greedy with
+    the repetition penalty still applied, and the sampling-only keys ignored; top_k 0 or absent: off."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        raise ValueError(f"{path} is not a readable JSON file: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
+    keys = ("repetition_penalty",) if cfg.get("do_sample") is False else tuple(_GENERATION_KEYS)
+    out: dict[str, Any] = {"temperature": 0.0} if cfg.get("do_sample") is False else {}
+    for key in keys:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        kind = _GENERATION_KEYS[key]
+        if not _is_num(value) or (kind is int and not float(value).is_integer()):
+            raise ValueError(f"{path}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        out[key] = kind(value)
+    if out.get("top_k", 1) <= 0:
+        del out["top_k"]
+    try:
+        SamplingParams(**out)
+    except ValueError as e:  # e.g. top_p 0: the checkpoint's mistake, not a request's
+        raise ValueError(f"{path}: {e}") from e
     return out

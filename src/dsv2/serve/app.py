@@ -385,9 +385,9 @@ def _params(req: Any, llm: LLM, prompt_len: int, max_tokens: int | None, logprob
         raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"context of {llm.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
     try:
-        return req.sampling(max_tokens or room, logprobs)
+        return req.sampling(max_tokens or room, logprobs, llm.generation_defaults, vocab_size=llm.cfg.vocab_size)
     except ValueError as e:
-        raise APIError(400, str(e)) from e
+        raise APIError(400, str(e), param=getattr(e, "param", None)) from e
 
 
 def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:

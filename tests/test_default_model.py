@@ -9,7 +9,7 @@ import openai
 
 from dsv2 import LLM, SamplingParams, load
 from dsv2.default_model import DEFAULT_MODEL_NAME, default_model_dir
-from dsv2.infer.commands import _generation_defaults
+from dsv2.infer.sampling import generation_defaults
 from dsv2.train.tasks import exact_match, problems
 from tests.test_server import _start, _stop
 
@@ -30,7 +30,7 @@ def test_shipped_checkpoint_is_complete_and_small() -> None:
     result = json.loads((d / "eval.json").read_text())
     assert result["arithmetic"]["n"] >= 500 and result["arithmetic"]["split"] == "test"
     # dsv2 chat / generate answer greedily by default, as the model was evaluated.
-    assert _generation_defaults(d) == {"temperature": 0.0}
+    assert generation_defaults(d) == {"temperature": 0.0}
 
 
 def test_llm_without_a_path_loads_the_shipped_model() -> None:

@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import math
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 from dsv2.model import onednn
+
+# The names the engine's dtype argument takes (checked here, so that a typo fails before the model loads).
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse `type`: `kind` (int or float) within [low, high] (an open end excludes its bound), so that a bad
+    value is one usage error naming the option before anything loads."""
+    if low is not None and high is not None:
+        what = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        what = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        what = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        what = "(finite)"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:  # noqa: ANN401 (int or float)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        ok = math.isfinite(value)
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {noun} {what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = number(int, 1)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +70,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, *.safetensors, tokenizer; default: the shipped dsv2-tiny)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-cache-tokens", type=int, default=None)
+    p.add_argument("--max-cache-tokens", type=positive_int, default=None)
     p.add_argument("--cache-dtype", default=None, help="'fp8' to store the latent cache in fp8 e4m3")
     add_compile_arg(p)
 
@@ -47,43 +88,32 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=None,
+    # The same bounds as SamplingParams', so that a bad value fails here, before the model loads.
+    p.add_argument("--max-tokens", type=positive_int, default=256)
+    # Unset sampling options take the checkpoint's generation_config.json, then SamplingParams' defaults.
+    p.add_argument("--temperature", type=number(float, 0), default=None,
                    help="0 for greedy (default: generation_config.json's, else 1.0)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=None, help="in (0, 1]")
+    p.add_argument("--top-k", type=number(int, -1), default=None, help="0 (or -1): off")
+    p.add_argument("--min-p", type=number(float, 0, 1), default=None)
+    p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True), default=None)
+    p.add_argument("--presence-penalty", type=number(float, -2, 2), default=0.0)
+    p.add_argument("--frequency-penalty", type=number(float, -2, 2), default=0.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--n", type=int, default=1, help="number of completions (generate only)")
+    p.add_argument("--n", type=positive_int, default=1, help="number of completions (generate only)")
 
 
-def _generation_defaults(model_dir: Path) -> dict[str, float]:
-    """The checkpoint's own sampling defaults (DeepSeek-V2 ships temperature 0.3, top_p 0.95)."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return {}
-    cfg = json.loads(path.read_text())
-    if cfg.get("do_sample") is False:
-        return {"temperature": 0.0}
-    return {k: float(cfg[k]) for k in ("temperature", "top_p") if k in cfg}
-
-
-def _params(args: argparse.Namespace, n: int = 1) -> Any:  # noqa: ANN401 (SamplingParams, imported lazily)
+def _params(args: argparse.Namespace, llm: Any, n: int = 1) -> Any:  # noqa: ANN401 (lazily imported types)
+    """The options given on the command line, over the checkpoint's generation defaults (llm.generation_defaults:
+    DeepSeek-V2 ships temperature 0.3 and top_p 0.95, dsv2-tiny greedy)."""
     from dsv2.infer import SamplingParams
 
-    defaults = _generation_defaults(_model_dir(args))
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature if args.temperature is not None else defaults.get("temperature", 1.0),
-        top_p=args.top_p if args.top_p is not None else defaults.get("top_p", 1.0),
-        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        stop=tuple(args.stop), seed=args.seed, n=n,
-    )
+    given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+             if getattr(args, name) is not None}
+    return SamplingParams(**{**llm.generation_defaults, **given}, max_tokens=args.max_tokens,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          stop=tuple(args.stop), seed=args.seed, n=n)
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
@@ -125,27 +155,110 @@ def _stream(llm: Any, prompt: str | list[int], params: Any, out: TextIO) -> list
 
 def run_generate(args: argparse.Namespace) -> int:
     llm = _load(args)
-    params = _params(args, n=args.n)
+    params = _params(args, llm, n=args.n)
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
-    outputs = _stream(llm, prompt, params, sys.stdout)
+    outputs = _stream(llm, prompt, params, sys.stdout)  # Ctrl-C: cli.main exits with 130
     sys.stdout.write("\n")
     for extra in outputs[1:]:
         sys.stdout.write(f"--- completion {extra.index}\n{extra.text}\n")
     return 0
 
 
+class _StopRequest:
+    """SIGINT while a reply streams: the first stops the reply after the engine step under way (an interrupt
+    inside a step could leave the scheduler half-updated), a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextlib.contextmanager
+def _sigint_stops_reply() -> Iterator[_StopRequest]:
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stream_reply(llm: Any, prompt: list[int], params: Any, out: TextIO) -> tuple[str, bool]:  # noqa: ANN401
+    """Stream one chat reply; returns (the text shown, whether Ctrl-C stopped it). A stopped reply is aborted in
+    the engine, so its cache blocks are free for the next turn."""
+    rid = llm.add_request(prompt, params)
+    shown = ""
+    with _sigint_stops_reply() as stop:
+        try:
+            while not stop.requested:
+                for result in llm.step():
+                    if result.request_id != rid:
+                        continue
+                    text = result.outputs[0].text
+                    out.write(text[len(shown):])
+                    out.flush()
+                    shown = text
+                    if result.finished:
+                        return shown, False
+        except KeyboardInterrupt:  # a second Ctrl-C, or one raised by the output stream itself
+            pass
+    llm.abort(rid)
+    return shown, True
+
+
+def _fit_context(llm: Any, messages: list[dict[str, str]], keep: int, params: Any, out: TextIO  # noqa: ANN401
+                 ) -> tuple[list[int] | None, list[dict[str, str]]]:
+    """The prompt for `messages`, dropping the oldest turns (never the first `keep`, the system message) until it
+    leaves room for a reply in the model's context; (None, the messages before the newest) if even the newest
+    user message alone does not fit. Returns the prompt and the messages it was made of."""
+    n_ctx = llm.max_model_len
+    # Room for a reply: max_tokens, but at most half the context, so that a long --max-tokens keeps some history.
+    limit = n_ctx - min(params.max_tokens, n_ctx // 2)
+    given, messages = messages, list(messages)
+    dropped = 0
+    while True:
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if len(prompt) <= limit:
+            break
+        if len(messages) - keep <= 1:
+            out.write(f"[your message does not fit the context of {n_ctx} tokens with room for a reply "
+                      f"({len(prompt)} tokens, the limit is {limit}); it was dropped, try a shorter one]\n")
+            return None, given[:-1]  # the conversation as it was, older turns included
+        # One turn: a user message and the reply after it (empty or missing if that reply was stopped).
+        end = keep + 1
+        while end < len(messages) - 1 and messages[end]["role"] != "user":
+            end += 1
+        del messages[keep:end]
+        dropped += 1
+    if dropped:
+        turns = "oldest turn" if dropped == 1 else f"{dropped} oldest turns"
+        out.write(f"[dropped the {turns} to fit the context of {n_ctx} tokens]\n")
+    return prompt, messages
+
+
 def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     llm = _load(args)
-    params = _params(args)
+    params = _params(args, llm)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    out.write("dsv2 chat: type a message; /reset starts over, /exit quits.\n")
+    out.write("dsv2 chat: type a message; /reset starts over, /exit quits, Ctrl-C stops a reply.\n")
     while True:
         out.write("> ")
         out.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, as EOF does
+            out.write("\n")
+            return 0
         if not line or line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":
@@ -153,8 +266,12 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = 
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        [reply] = _stream(llm, prompt, params, out)[:1]
+        prompt, messages = _fit_context(llm, [*messages, {"role": "user", "content": line.rstrip("\n")}],
+                                        len(start), params, out)
+        if prompt is None:
+            continue
+        reply, stopped = _stream_reply(llm, prompt, params, out)
         out.write("\n")
-        messages.append({"role": "assistant", "content": reply.text.strip()})
+        if stopped:
+            out.write("[reply stopped; the partial reply stays in the conversation]\n")
+        messages.append({"role": "assistant", "content": reply.strip()})

@@ -24,7 +24,13 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"{_PREFIX}{step:08d}"
 
 
+def step_of(directory: Path) -> int:
+    """The training step a checkpoint directory holds (its name: step-NNNNNNNN)."""
+    return int(directory.name[len(_PREFIX):])
+
+
 def latest(root: Path) -> Path | None:
+    """The newest finished checkpoint under root (None if there is none, or no root); temporary ones never count."""
     done = sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name[len(_PREFIX):].isdigit())
     return done[-1] if done else None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +25,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from dsv2.hardware import keep_freed_memory
+    from dsv2.train import checkpoints
     from dsv2.train.config import TrainConfig
-    from dsv2.train.trainer import train
+    from dsv2.train.trainer import TrainingInterrupted, resume_point, train
 
     keep_freed_memory()
-    overrides = [o.removeprefix("--") for o in getattr(args, "overrides", [])]
-    out = train(TrainConfig.from_toml(args.config, overrides), resume=args.resume)
+    given = list(getattr(args, "overrides", []))
+    cfg = TrainConfig.from_toml(args.config, [o.removeprefix("--") for o in given])
+    if args.resume:
+        directory, step = resume_point(cfg)  # no checkpoint: a ValueError, before anything is written
+        print(f"resuming from {directory} (step {step})", flush=True)
+    # The user's own command line, so that the line printed on Ctrl-C can be pasted back as it is.
+    command = ["dsv2", "train", "--config", args.config, *given]
+    try:
+        out = train(cfg, resume=args.resume, stop_on_sigint=True)
+    except TrainingInterrupted as stop:
+        print(f"interrupted at step {stop.step}; continue with: {shlex.join([*command, '--resume'])}",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C mid-step, or one during setup (tokenizing, building the model)
+        newest = checkpoints.latest(Path(cfg.train.out_dir) / "checkpoints")
+        if newest is None:
+            print(f"interrupted before the first checkpoint; start again with: {shlex.join(command)}",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted; continue from step {checkpoints.step_of(newest)} with: "
+                  f"{shlex.join([*command, '--resume'])}", file=sys.stderr)
+        return 130
     print(f"done: {out}/final")
     return 0
 

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,9 @@ class DataConfig:
     cache_dir: str | None = None  # tokenized data; default <out_dir>/data
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "paths", tuple(self.paths))
+        # One string is one path: tuple("corpus.txt") would be its characters, and Path("/") then walks the disk.
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", paths)
         _check(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
 
 
@@ -161,10 +166,59 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     _check(not unknown, f"{section}.{', '.join(sorted(unknown))}", f"unknown key; expected one of {sorted(names)}")
+    # Field types are strings under `from __future__ import annotations`; get_type_hints evaluates them.
+    hints = typing.get_type_hints(cls)
+    typed = {name: _typed(f"{section}.{name}", hints[name], value) for name, value in values.items()}
     try:
-        return cls(**values)
+        return cls(**typed)
     except TypeError as e:
         raise ValueError(f"config section [{section}]: {e}") from e
+
+
+def _typed(name: str, hint: Any, value: Any) -> Any:  # noqa: ANN401 (any recipe value)
+    """`value` checked against a section field's declared type (as TOML gives it: lists for tuples, ints for
+    floats) and converted to it, so that the dataclasses' own checks compare numbers with numbers."""
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    # bool is an int subclass in Python, but `steps = true` is a mistake, not 1.
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)  # `lr = 1` is 1.0; nan and inf are never meant
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        [inner] = [a for a in args if a is not type(None)]
+        return _typed(name, inner, value)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] is str and isinstance(value, str):
+            return (value,)  # one path is a list of one, never its characters
+        if isinstance(value, (list, tuple)):
+            return tuple(_typed(f"{name}[{i}]", args[0], item) for i, item in enumerate(value))
+    raise ValueError(f"config field {name!r}: expected {_describe(hint)}, got {_show(value)}")
+
+
+def _describe(hint: Any) -> str:  # noqa: ANN401 (a type hint)
+    simple = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if hint in simple:
+        return simple[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:  # (`X | None` is described by _typed as its X: TOML has no null)
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a list of {plural.get(args[0], args[0])}" + (" (or one string)" if args[0] is str else "")
+    return str(hint)
+
+
+def _show(value: Any) -> str:  # noqa: ANN401
+    """A value as the recipe spells it: true/false, quoted strings, lists."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing"
+    return repr(list(value) if isinstance(value, tuple) else value)
 
 
 def _plain(value: Any) -> Any:

@@ -7,11 +7,15 @@ scheduled learning rate. Logs, checkpoints and the final HF-layout model are wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,7 @@ from dsv2.model.moe import DeviceCapacity
 from dsv2.train import checkpoints as ckpt
 from dsv2.train.config import TrainConfig
 from dsv2.tokenizer import Tokenizer
-from dsv2.train.data import BlockLoader, TokenFile, load_tokenizer, tokenize_to_file
+from dsv2.train.data import BlockLoader, DataError, TokenFile, load_tokenizer, tokenize_to_file
 from dsv2.train.losses import balance_losses
 from dsv2.train.metrics import MetricsLog, StepStats
 from dsv2.train.optim import BatchSchedule, StepDecay, build_optimizer, set_lr
@@ -35,6 +39,43 @@ from dsv2.train.parallel import Distributed, Local, apply_activation_checkpointi
 from dsv2.train.routing import device_limited, protect_sequences, protected_blocks, record_routing
 
 StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run between two steps; `checkpoint` holds step `step`, so --resume continues exactly.
+    A KeyboardInterrupt, so that a caller who does not catch it sees what it would have seen without us."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopRequest:
+    """SIGINT during the loop: the first asks the loop to stop after the current step (a checkpoint taken mid-step
+    would hold the optimizer's update without the step counter's), the second stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("dsv2: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(enabled: bool) -> Iterator[_StopRequest]:
+    """A _StopRequest installed as the SIGINT handler for the block (signals reach only the main thread)."""
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def resolve_devices(mcfg: ModelConfig, cfg: TrainConfig, ep: int) -> tuple[int, int]:
@@ -131,23 +172,34 @@ class Trainer:
         return self.par.prepare(model, dropping)
 
     # ------------------------------------------------------------------------------------------ loop
-    def fit(self, on_step: StepCallback | None = None) -> None:
+    def fit(self, on_step: StepCallback | None = None, stop_on_sigint: bool = False) -> None:
+        """Train to train.steps and save the final model. stop_on_sigint: Ctrl-C finishes the current step, saves
+        a checkpoint and raises TrainingInterrupted (one process only: several ranks would have to agree on the
+        step, so under torchrun Ctrl-C stays a plain KeyboardInterrupt and the newest checkpoint is the resume
+        point)."""
         run = self.cfg.train
         bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not (run.progress and self.par.is_main))
-        while self.step < run.steps:
-            start = time.perf_counter()
-            stats, grad_norm, lr = self.train_step()
-            self.step += 1
-            self.tokens += self.plan[self.step - 1] * self.cfg.data.seq_len
-            record = self._record(stats, grad_norm, lr, time.perf_counter() - start)
-            if self.par.is_main and (self.step % run.log_every == 0 or self.step == run.steps):
-                self.log.write(record)
-            if self.step % run.checkpoint_every == 0 or self.step == run.steps:
-                self.save_checkpoint()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
-            if on_step is not None:
-                on_step(self.step, record)
+        with _stop_on_sigint(stop_on_sigint and self.par.world == 1) as stop:
+            while self.step < run.steps:
+                start = time.perf_counter()
+                stats, grad_norm, lr = self.train_step()
+                self.step += 1
+                self.tokens += self.plan[self.step - 1] * self.cfg.data.seq_len
+                record = self._record(stats, grad_norm, lr, time.perf_counter() - start)
+                if self.par.is_main and (self.step % run.log_every == 0 or self.step == run.steps):
+                    self.log.write(record)
+                saved = self.step % run.checkpoint_every == 0 or self.step == run.steps
+                if saved:
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+                if on_step is not None:
+                    on_step(self.step, record)
+                if stop.requested and self.step < run.steps:
+                    if not saved:
+                        self.save_checkpoint()
+                    bar.close()
+                    raise TrainingInterrupted(self.step, ckpt.checkpoint_dir(self.out / "checkpoints", self.step))
         bar.close()
         self.save_final()
 
@@ -242,13 +294,38 @@ class Trainer:
                 shutil.copy(self.tokenizer_dir / name, final / name)
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None = None) -> Path:
-    """Run (or with resume=True continue) a training run; returns the run directory."""
+def resume_point(cfg: TrainConfig) -> tuple[Path, int]:
+    """The checkpoint a resumed run continues from and its step; a ValueError naming the directory if none."""
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    directory = ckpt.latest(root)
+    if directory is None:
+        raise ValueError(f"no checkpoint to resume in {root}; start without --resume")
+    return directory, ckpt.step_of(directory)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What can be checked before anything is written: a mistake found later would leave a half-made run directory
+    behind (and `data.paths` pointing nowhere would be found only after the tokenizer was set up)."""
+    if not cfg.data.paths:
+        raise DataError("no training data given (data.paths is empty)")
+    for path in cfg.data.paths:
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or directory (data.paths)")
+    cfg.model_config()  # a bad preset, config path or field override
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None = None,
+          stop_on_sigint: bool = False) -> Path:
+    """Run (or with resume=True continue) a training run; returns the run directory. stop_on_sigint: see
+    Trainer.fit (Ctrl-C checkpoints and raises TrainingInterrupted)."""
     if cfg.moe.expert_parallel > 1 and not from_torchrun():
         raise ValueError("config field 'moe.expert_parallel': EP > 1 needs several processes (launch with torchrun)")
     out = Path(cfg.train.out_dir)
-    if not resume and (out / "checkpoints").is_dir() and ckpt.latest(out / "checkpoints") is not None:
+    if resume:
+        resume_point(cfg)
+    elif ckpt.latest(out / "checkpoints") is not None:
         raise ValueError(f"{out} already holds checkpoints; pass --resume or choose another train.out_dir")
+    check_inputs(cfg)
     par = Distributed(cfg.moe.expert_parallel) if from_torchrun() else Local()
     try:
         trainer = Trainer(cfg, par)
@@ -258,7 +335,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
             if not resume:
                 (trainer.out / "metrics.jsonl").unlink(missing_ok=True)
             (trainer.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        trainer.fit(on_step)
+        trainer.fit(on_step, stop_on_sigint)
         return trainer.out
     finally:
         par.close()

@@ -73,6 +73,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-cache-tokens", type=positive_int, default=None)
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="longest prompt + output (default: the model's context, capped to what the cache holds)")
     p.add_argument("--cache-dtype", default=None, help="'fp8' to store the latent cache in fp8 e4m3")
     add_compile_arg(p)
 
@@ -134,6 +136,7 @@ def _load(args: argparse.Namespace) -> Any:  # noqa: ANN401
     if args.compile:  # stderr, so that piped output stays the model's text only
         print("dsv2: decoding is compiled on first use; the first tokens can take a minute", file=sys.stderr)
     return LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
+               max_model_len=args.max_model_len,
                cache_dtype=args.cache_dtype, compile=args.compile, gemm=args.gemm)
 
 

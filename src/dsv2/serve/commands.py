@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dsv2.infer.commands import add_compile_arg
+from dsv2.infer.commands import DTYPES, add_compile_arg, number, positive_int
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -18,18 +18,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, *.safetensors, tokenizer; default: the shipped dsv2-tiny)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients use in 'model' (default: the model directory's name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set DSV2_API_KEY)")
-    p.add_argument("--max-concurrent", type=int, default=64, help="requests computed at once")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those before 429")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--max-concurrent", type=positive_int, default=64, help="requests computed at once")
+    p.add_argument("--max-queue", type=number(int, 0), default=256, help="requests waiting beyond those before 429")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-cache-tokens", type=int, default=None)
-    p.add_argument("--cache-dtype", default=None)
+    p.add_argument("--max-cache-tokens", type=positive_int, default=None,
+                   help="latent cache size in tokens (default: a fifth of the free memory)")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="longest prompt + output (default: the model's context, capped to what the cache holds)")
+    p.add_argument("--cache-dtype", default=None, help="'fp8' to store the latent cache in fp8 e4m3")
     add_compile_arg(p)
-    p.add_argument("--graceful-timeout", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--graceful-timeout", type=number(float, 0), default=5.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long in-flight requests may run before they are aborted")
     p.add_argument("--disable-log-requests", action="store_true",
                    help="no access-log line per request (method, path, status, tokens, latency)")
@@ -46,7 +49,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
     _log_to_stderr()
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
-              cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile,
+              max_model_len=args.max_model_len, cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile,
               gemm=args.gemm)
     if args.compile:
         print("dsv2: compiling the decode graphs (once, before serving)...", flush=True)

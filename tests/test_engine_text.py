@@ -75,13 +75,10 @@ def test_generate_command_streams_the_same_text(ckpt: Path, llm: LLM, capsys: py
 
 
 def test_chat_command_keeps_the_conversation(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
+    from dsv2.cli import build_parser
 
-    args = argparse.Namespace(model=str(ckpt), dtype="float32", device="cpu", max_cache_tokens=2048,
-                              cache_dtype=None, compile=False, gemm="auto", system="Be brief.", max_tokens=5,
-                              temperature=0.0, top_p=None,
-                              top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                              frequency_penalty=0.0, stop=[], seed=None, n=1)
+    args = build_parser().parse_args(["chat", "--model", str(ckpt), "--dtype", "float32", "--max-cache-tokens", "2048",
+                                      "--system", "Be brief.", "--max-tokens", "5", "--temperature", "0"])
     seen: list[list[int]] = []
     original = LLM.add_request
     monkeypatch.setattr(LLM, "add_request", lambda self, p, sp=None, rid=None: seen.append(p) or original(self, p, sp))

@@ -74,3 +74,33 @@ def test_keep_freed_memory_stops_large_blocks_page_faulting_each_time() -> None:
     assert not default_applied and default_faults > 8000
     assert kept_applied and kept_faults < 1000
     assert run("keep", DSV2_MALLOC="default")[0] is False
+
+
+def test_release_freed_memory_returns_the_heaps_free_pages() -> None:
+    """malloc_trim(0) after many freed mid-sized blocks (below the mmap threshold, so they sit in the heap): the
+    resident set shrinks. What keeps a long-running server's memory from creeping (benchmarks/soak.py)."""
+    import ctypes
+    import sys
+
+    from dsv2.hardware import release_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+    blocks = [libc.malloc(100_000) for _ in range(1000)]  # ~100 MB of heap
+    for b in blocks:
+        ctypes.memset(b, 1, 100_000)
+    keep = blocks[-1]  # a live block at the top, so free() alone cannot shrink the heap
+    for b in blocks[:-1]:
+        libc.free(b)
+    before = rss_kib()
+    assert release_freed_memory()
+    assert before - rss_kib() > 50_000
+    libc.free(keep)

@@ -338,3 +338,19 @@ def test_sigterm_ends_in_flight_streams_cleanly(ckpt: Path) -> None:
             assert not chunk.choices or chunk.choices[0].finish_reason is None
     stopper.join()
     assert "dsv2: shutting down" in out[0] and "stopped serving" in out[0]
+
+
+def test_a_model_without_tokenizer_takes_token_ids_and_refuses_echo() -> None:
+    """echo of token ids needs the tokenizer to turn them back into text: a 400 without one (before: a 500)."""
+    from fastapi.testclient import TestClient
+
+    from dsv2.serve import ServerConfig, create_app
+
+    llm = LLM(randomize_(Transformer(small_config()), seed=3), max_cache_tokens=256)
+    with TestClient(create_app(llm, ServerConfig([NAME]))) as client:
+        ok = client.post("/v1/completions", json={"model": NAME, "prompt": [5, 6, 7], "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        echo = client.post("/v1/completions", json={"model": NAME, "prompt": [5, 6, 7], "max_tokens": 3, "echo": True})
+        assert echo.status_code == 400 and "no tokenizer" in echo.json()["error"]["message"]
+        chat = client.post("/v1/chat/completions", json={"model": NAME, "messages": MESSAGES})
+        assert chat.status_code == 400 and "no tokenizer" in chat.json()["error"]["message"]

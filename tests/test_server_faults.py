@@ -8,7 +8,6 @@ import json
 import time
 
 import openai
-import pytest
 from fastapi.testclient import TestClient
 
 from dsv2.infer import LLM

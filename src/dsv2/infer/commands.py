@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
+from dsv2.interrupt import stop_on_sigint
 from dsv2.model import onednn
 
 # The names the engine's dtype argument takes (checked here, so that a typo fails before the model loads).
@@ -169,38 +166,12 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StopRequest:
-    """SIGINT while a reply streams: the first stops the reply after the engine step under way (an interrupt
-    inside a step could leave the scheduler half-updated), a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-@contextlib.contextmanager
-def _sigint_stops_reply() -> Iterator[_StopRequest]:
-    stop = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _stream_reply(llm: Any, prompt: list[int], params: Any, out: TextIO) -> tuple[str, bool]:  # noqa: ANN401
     """Stream one chat reply; returns (the text shown, whether Ctrl-C stopped it). A stopped reply is aborted in
     the engine, so its cache blocks are free for the next turn."""
     rid = llm.add_request(prompt, params)
     shown = ""
-    with _sigint_stops_reply() as stop:
+    with stop_on_sigint() as stop:  # the first Ctrl-C stops the reply after the step under way
         try:
             while not stop.requested:
                 for result in llm.step():

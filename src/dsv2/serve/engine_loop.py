@@ -16,12 +16,16 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dsv2.hardware import release_freed_memory
 from dsv2.infer import LLM, EngineDeadError, RequestOutput, SamplingParams
 
 log = logging.getLogger("dsv2")
+
+TRIM_EVERY_S = 10.0  # how often the engine thread returns the heap's free pages (between two steps)
 
 
 class EngineLoop:
@@ -76,8 +80,13 @@ class EngineLoop:
             self._die(e)
 
     def _serve(self) -> None:
+        trimmed = time.monotonic()
         while not self._stopping.is_set():
+            if time.monotonic() - trimmed > TRIM_EVERY_S:
+                release_freed_memory()
+                trimmed = time.monotonic()
             if not self.llm.has_unfinished():
+                release_freed_memory()  # going idle: a server that waits should not hold its peak
                 self._apply(self._commands.get())  # idle: sleep until a command arrives
             while True:
                 try:

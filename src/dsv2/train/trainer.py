@@ -7,15 +7,11 @@ scheduled learning rate. Logs, checkpoints and the final HF-layout model are wri
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -26,6 +22,7 @@ from dsv2 import save
 from dsv2.checkpoint import load
 from dsv2.config import ModelConfig
 from dsv2.hardware import warn_if_bf16_is_slow
+from dsv2 import interrupt
 from dsv2.model import Transformer, onednn
 from dsv2.model.moe import DeviceCapacity
 from dsv2.train import checkpoints as ckpt
@@ -50,32 +47,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.checkpoint = step, checkpoint
 
 
-class _StopRequest:
-    """SIGINT during the loop: the first asks the loop to stop after the current step (a checkpoint taken mid-step
-    would hold the optimizer's update without the step counter's), the second stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("dsv2: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
-
-
-@contextlib.contextmanager
-def _stop_on_sigint(enabled: bool) -> Iterator[_StopRequest]:
-    """A _StopRequest installed as the SIGINT handler for the block (signals reach only the main thread)."""
-    stop = _StopRequest()
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _say_stopping() -> None:
+    tqdm.write("dsv2: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
 
 
 def resolve_devices(mcfg: ModelConfig, cfg: TrainConfig, ep: int) -> tuple[int, int]:
@@ -179,7 +152,7 @@ class Trainer:
         point)."""
         run = self.cfg.train
         bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not (run.progress and self.par.is_main))
-        with _stop_on_sigint(stop_on_sigint and self.par.world == 1) as stop:
+        with interrupt.stop_on_sigint(stop_on_sigint and self.par.world == 1, on_first=_say_stopping) as stop:
             while self.step < run.steps:
                 start = time.perf_counter()
                 stats, grad_norm, lr = self.train_step()

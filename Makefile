@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/gemm_dtype.py
 	$(PY) benchmarks/gemm_library.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/soak.py
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/train.py
 

@@ -29,13 +29,17 @@ CFG = small_config(vocab_size=102400, bos_token_id=100000, eos_token_id=100001, 
                    rope_scaling=None)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("served")
+def write_checkpoint(path: Path) -> Path:
+    """The served test model: CFG's random weights (seed 17) with the real DeepSeek-V2 tokenizer beside them."""
     save(randomize_(Transformer(CFG), seed=17), path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(named_tokenizer_dir("deepseek-v2") / name, path / name)
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("served"))
 
 
 def _free_port() -> int:

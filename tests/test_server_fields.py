@@ -8,7 +8,6 @@ The checkpoint ships `generation_config.json` {"do_sample": false}: a request wi
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from dsv2 import Transformer, save
-from dsv2.tokenizer import named_tokenizer_dir
-from tests.conftest import randomize_
-from tests.test_server import CFG, NAME, _post, _start, _stop
+from tests.test_server import CFG, NAME, _post, _start, _stop, write_checkpoint
 
 BOS, EOS = 100000, 100001  # <｜begin▁of▁sentence｜>, <｜end▁of▁sentence｜>: special tokens
 HELLO = 39280  # " hello"
@@ -28,10 +24,7 @@ PROMPT = "The weather today is"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("served_fields")
-    save(randomize_(Transformer(CFG), seed=17), path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(named_tokenizer_dir("deepseek-v2") / name, path / name)
+    path = write_checkpoint(tmp_path_factory.mktemp("served_fields"))
     (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     return path
 

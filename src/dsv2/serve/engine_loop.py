@@ -80,13 +80,15 @@ class EngineLoop:
             self._die(e)
 
     def _serve(self) -> None:
-        trimmed = time.monotonic()
+        trimmed, stepped = time.monotonic(), False  # stepped: steps ran since the last trim
         while not self._stopping.is_set():
-            if time.monotonic() - trimmed > TRIM_EVERY_S:
+            idle = not self.llm.has_unfinished()
+            # Every TRIM_EVERY_S under load, and on going idle (a server that waits should not hold its peak);
+            # not again while idle, where commands such as no-op aborts would each pay for a heap walk.
+            if stepped and (idle or time.monotonic() - trimmed > TRIM_EVERY_S):
                 release_freed_memory()
-                trimmed = time.monotonic()
-            if not self.llm.has_unfinished():
-                release_freed_memory()  # going idle: a server that waits should not hold its peak
+                trimmed, stepped = time.monotonic(), False
+            if idle:
                 self._apply(self._commands.get())  # idle: sleep until a command arrives
             while True:
                 try:
@@ -94,6 +96,7 @@ class EngineLoop:
                 except queue.Empty:
                     break
             if self.llm.has_unfinished() and not self._stopping.is_set():
+                stepped = True
                 for out in self.llm.step():
                     self._deliver(out)
             self.stats = self.llm.stats()

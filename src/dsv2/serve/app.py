@@ -117,9 +117,9 @@ def create_app(llm: LLM, config: ServerConfig, on_fatal: Callable[[BaseException
             raise APIError(400, "echo with logprobs asks for the prompt's logprobs, which dsv2 does not compute yet",
                            param="echo")
         # The prompt as the client sent it (echo returns it; text_offset counts from its start): a string as
-        # it came, without the BOS the tokenizer adds; token ids decoded, each of them, BOS included if sent.
-        texts = [p if isinstance(p, str) else _tokenizer(llm).decode(p) if (req.echo or req.logprobs is not None)
-                 else "" for p in given]
+        # it came, without the BOS the tokenizer adds; token ids decoded (only when needed), BOS included if sent.
+        needs_text = req.echo or req.logprobs is not None
+        texts = [p if isinstance(p, str) else _tokenizer(llm).decode(p) if needs_text else "" for p in given]
         job = _Job(engine, metrics, config, new_id("cmpl"), prompts, params, req.model, "text", echo=req.echo,
                    prompt_texts=texts)
         return await job.respond(request, req.stream,
@@ -325,7 +325,7 @@ class _TokenTimer:
 
 
 def _engine_gone(engine: EngineLoop) -> APIError:
-    return APIError(503, f"the engine is not running ({engine.dead or 'stopped'}); the server is restarting",
+    return APIError(503, f"the engine is not running ({engine.dead or 'stopped'}); this server cannot answer",
                     type_="server_error", code="engine_unavailable")
 
 

@@ -1,4 +1,4 @@
-"""fp32 matrix products: torch's default CPU path (F.linear, MKL on x86) against oneDNN (dsv2.model.onednn).
+"""fp32 matrix products: torch's default CPU path (F.linear, MKL on x86) against oneDNN (dsv2.kernels.onednn).
 
 The projection shapes of benchmarks/forward.py's ~100M model. Training: forward, input gradient and weight
 gradient of a 1,024-token micro-batch (4 x 256), F.linear against dsv2's oneDNN linear on the same dense
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dsv2.model import onednn
+from dsv2.kernels import onednn
 
 # (name, in, out) of benchmarks/forward.py's model: hidden 512, q_lora 256, kv_lora 128, 8 heads of 64+32 / 64,
 # experts 256 wide, dense MLP 1536 wide, vocabulary 32,000.

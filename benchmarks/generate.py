@@ -8,7 +8,7 @@ The same ~100M-parameter DeepSeek-V2-shaped model as benchmarks/forward.py, fp32
   (c) cache bytes per token: the engine's latent cache against transformers' DynamicCache after a run.
 With --compile the engine decodes small batches through torch.compile (LLM(compile=True)); the warm-up run
 before the timed ones absorbs the compilation. --gemm torch keeps the engine's products on F.linear (the default,
-auto, packs its weights for oneDNN on x86 CPUs unless compiling; see dsv2.model.onednn).
+auto, packs its weights for oneDNN on x86 CPUs unless compiling; see dsv2.kernels.onednn).
 
     python benchmarks/generate.py [--reps 3] [--requests 32] [--new-tokens 128] [--gemm auto|onednn|torch]
 """
@@ -28,8 +28,8 @@ from transformers import DeepseekV2ForCausalLM
 from forward import CFG  # run as `python benchmarks/generate.py`: benchmarks/ is on sys.path
 from dsv2 import Transformer, save
 from dsv2.infer import LLM, SamplingParams
-from dsv2.model import onednn
-from dsv2.model.onednn import PackedLinear
+from dsv2.kernels import onednn
+from dsv2.kernels.onednn import PackedLinear
 
 BENCH_CFG = CFG.replace(bos_token_id=None, eos_token_id=None)
 

@@ -13,7 +13,7 @@ in machine load hits both alike; we report median tokens/s and the ratio.
                                [--autocast none|bfloat16]
 
 dsv2's side multiplies as `dsv2 train` does by default (--gemm auto: through oneDNN on x86 CPUs, see
-dsv2.model.onednn); --gemm torch gives it F.linear, the library transformers' side always uses.
+dsv2.kernels.onednn); --gemm torch gives it F.linear, the library transformers' side always uses.
 
 --profile also runs one profiled step of each side and prints the time in matrix products (aten::mm, bmm,
 addmm, baddbmm; self time, which includes the BLAS call) and the bound it puts on the ratio: if dsv2 spent
@@ -39,7 +39,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from dsv2 import ModelConfig, load
 from dsv2.hardware import keep_freed_memory
-from dsv2.model import onednn
+from dsv2.kernels import onednn
 from dsv2.train.optim import OptimConfig, build_optimizer
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     adamw = "fused AdamW on both sides" if args.fused_baseline else "dsv2 fused AdamW, transformers default AdamW"
     adamw += ", freed memory kept (both sides)" if args.keep_freed_memory else ""
     bf16 = args.autocast == "bfloat16"
-    # Under autocast dsv2's oneDNN products step aside for F.linear's bf16 ones (dsv2.model.onednn.linear).
+    # Under autocast dsv2's oneDNN products step aside for F.linear's bf16 ones (dsv2.kernels.onednn.linear).
     adamw += f", dsv2 GEMMs via {'oneDNN' if onednn.wanted(args.gemm) and not bf16 else 'F.linear'}"
     print(f"# training step (fwd + CE + bwd + AdamW), {adamw}, {'bf16 autocast' if bf16 else 'fp32'}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

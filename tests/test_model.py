@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv2 import LatentCache, Transformer
-from dsv2.model import onednn
+from dsv2.kernels import onednn
 from dsv2.model.moe import DeviceCapacity, MoE, Router
 from tests.conftest import randomize_, small_config
 
@@ -71,7 +71,7 @@ def test_training_experts_equal_loop_reference_with_dropping(gemm: str, n_tokens
                        n_group=4, topk_group=2, routed_scaling_factor=3.0)
     moe = randomize_(MoE(cfg), seed=11)
     if gemm == "onednn":
-        moe.experts.linear = onednn.linear
+        onednn.use_for_training_(moe)
     moe.dropping = DeviceCapacity(n_devices=4, capacity_factor=0.5)
     x = torch.randn(1, n_tokens, cfg.hidden_size, requires_grad=True)
     routing = moe.gate(x[0])

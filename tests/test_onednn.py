@@ -1,4 +1,4 @@
-"""oneDNN products (dsv2.model.onednn): the training linear against F.linear in values and gradients, packed
+"""oneDNN products (dsv2.kernels.onednn): the training linear against F.linear in values and gradients, packed
 inference models against dense ones, their state_dict round trip, and the engine and trainer wired to them."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from dsv2 import Transformer
 from dsv2.infer import LLM, SamplingParams
-from dsv2.model import onednn
+from dsv2.kernels import onednn
 from dsv2.model.moe import Experts
-from dsv2.model.onednn import PackedExperts, PackedLinear
+from dsv2.kernels.onednn import PackedExperts, PackedLinear
 from dsv2.train.config import TrainConfig
 from dsv2.train.metrics import read_metrics
 from dsv2.train.trainer import train
@@ -64,7 +64,7 @@ def test_training_model_keeps_its_parameters_and_gradients() -> None:
     assert list(fast.parameters()) == params_before  # the same tensors: optimizer and FSDP see no change
     assert isinstance(fast.layers[0].attn.wo, onednn.Linear)
     experts = [m for m in fast.modules() if isinstance(m, Experts)]
-    assert experts and all(m.linear is onednn.linear for m in experts)
+    assert experts and all(isinstance(m, onednn.TrainingExperts) for m in experts)
     ids = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     for m in (dense, fast):
         F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()

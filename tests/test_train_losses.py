@@ -150,7 +150,8 @@ def test_lm_loss_ignores_masked_targets() -> None:
 def test_chunked_head_cross_entropy_matches_full_logits(vocab: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """dsv2.model.loss against F.cross_entropy on the whole logits: the loss and both gradients, with ignored
     positions, across chunk boundaries; and through Transformer(labels=...)."""
-    from dsv2.model import loss, onednn
+    from dsv2.kernels import onednn
+    from dsv2.model import loss
     from dsv2.model.loss import head_cross_entropy
 
     monkeypatch.setattr(loss, "_CHUNK_ELEMENTS", 1 << 21)
@@ -186,7 +187,8 @@ def test_chunked_head_cross_entropy_under_bf16_autocast(onednn_products: bool, m
     """Under autocast, Transformer(labels=...) still takes the chunked head (here in chunks of 13 rows), with
     autocast's bf16 products: the loss and every parameter's gradient equal those of the full logits under
     autocast, to bf16 rounding of the per-chunk head gradients."""
-    from dsv2.model import loss, onednn, transformer
+    from dsv2.kernels import onednn
+    from dsv2.model import loss, transformer
 
     monkeypatch.setattr(loss, "_CHUNK_ELEMENTS", 13 * 512)
     calls = []

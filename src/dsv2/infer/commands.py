@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dsv2.interrupt import stop_on_sigint
-from dsv2.model import onednn
+from dsv2.kernels import onednn
 
 # The names the engine's dtype argument takes (checked here, so that a typo fails before the model loads).
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")

@@ -30,7 +30,8 @@ from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
 from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, generation_defaults, sample
 from dsv2.infer.scheduler import Scheduled, Scheduler
 from dsv2.infer.scheduler import Sequence as SchedSeq
-from dsv2.model import Transformer, onednn
+from dsv2.kernels import onednn
+from dsv2.model import Transformer
 from dsv2.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
@@ -119,7 +120,7 @@ class LLM:
         a model passed in is never re-laid-out unless asked). compile: run decode-only steps through a
         torch.compile'd graph of the model (faster decode after a compile of up to minutes on first use; see
         ModelRunner). gemm: "onednn" multiplies fp32 projections and experts through oneDNN with weights packed
-        once (dsv2.model.onednn; gemv_layout is then moot), "torch" through F.linear; "auto" (default) packs on an
+        once (dsv2.kernels.onednn; gemv_layout is then moot), "torch" through F.linear; "auto" (default) packs on an
         x86 CPU when the engine loads the checkpoint itself and does not compile -- a model passed in is packed
         only if asked, since packing makes it inference-only."""
         self.device = _check_device(device)

@@ -141,14 +141,17 @@ Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (..., K), w 
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights: w13 (E, 2I, H) gate rows then up rows, w2 (E, H, I).
 
-    linear: the bias-free product the experts multiply with (F.linear; dsv2.model.onednn swaps in oneDNN's)."""
+    `linear` is the bias-free product the experts multiply with: F.linear here; a subclass applied from outside
+    (dsv2.kernels.onednn) overrides it with a faster library's product."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
         super().__init__()
         self.n_experts, self.hidden = n_experts, hidden
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
-        self.linear: Linear = F.linear
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
         return swiglu(x_NH, self.w13[e], self.w2[e], self.linear)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model import onednn
 from dsv2.model.loss import IGNORE_INDEX, head_cross_entropy
 from dsv2.model.mla import MLA, AttentionCache
 from dsv2.model.moe import MoE, Routing
@@ -104,8 +103,9 @@ class Transformer(nn.Module):
             return F.cross_entropy(self.logits(hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         # Under autocast the head's products go through F.linear, so autocast picks their dtype as it would for
         # the unchunked head; dsv2.model.loss keeps the softmax and the gradient sums in fp32.
+        # A head swapped from outside for a faster library's nn.Linear subclass names its product `product`.
         autocast = torch.is_autocast_enabled(hidden.device.type)
-        mm = onednn.mm if isinstance(self.head, onednn.Linear) and not autocast else F.linear
+        mm = F.linear if autocast else getattr(self.head, "product", F.linear)
         return head_cross_entropy(hidden, self.head.weight, labels, mm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

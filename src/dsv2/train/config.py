@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv2.config import ModelConfig
-from dsv2.model.onednn import CHOICES as GEMM_CHOICES
+from dsv2.kernels.onednn import CHOICES as GEMM_CHOICES
 from dsv2.train.losses import BalanceCoefficients
 from dsv2.train.optim import OptimConfig
 
@@ -48,7 +48,7 @@ class RunConfig:
     batch_ramp_tokens: int = 0
     seed: int = 0
     autocast: str = "none"  # or "bfloat16"
-    gemm: str = "auto"  # fp32 products: "onednn" (dsv2.model.onednn), "torch" (F.linear), "auto" = oneDNN on x86 CPUs
+    gemm: str = "auto"  # fp32 products: "onednn" (dsv2.kernels.onednn), "torch" (F.linear), "auto" = oneDNN on x86 CPUs
     activation_checkpointing: bool = False
     log_every: int = 1
     checkpoint_every: int = 100

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from dsv2.checkpoint import load, save
 from dsv2.hardware import keep_freed_memory
 from dsv2.infer import LLM, SamplingParams
-from dsv2.model import Transformer, onednn
+from dsv2.kernels import onednn
+from dsv2.model import Transformer
 from dsv2.tokenizer import Tokenizer
 from dsv2.train import checkpoints as ckpt
 from dsv2.train.metrics import MetricsLog

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load, save
 from dsv2.hardware import keep_freed_memory
-from dsv2.model import Transformer, onednn
+from dsv2.kernels import onednn
+from dsv2.model import Transformer
 from dsv2.model.loss import IGNORE_INDEX
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.optim import OptimConfig, StepDecay, build_optimizer, set_lr

@@ -23,7 +23,8 @@ from dsv2.checkpoint import load
 from dsv2.config import ModelConfig
 from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2 import interrupt
-from dsv2.model import Transformer, onednn
+from dsv2.kernels import onednn
+from dsv2.model import Transformer
 from dsv2.model.moe import DeviceCapacity
 from dsv2.train import checkpoints as ckpt
 from dsv2.train.config import TrainConfig

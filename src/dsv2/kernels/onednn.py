@@ -87,11 +87,21 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameter, same state_dict) that multiplies through `linear`."""
+    """nn.Linear (same parameter, same state_dict) that multiplies through `linear`. `product` is what the
+    model's chunked head loss multiplies with (it reads the head's weight directly)."""
+
+    product = staticmethod(mm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+
+class TrainingExperts(Experts):
+    """Experts (same parameters, same state_dict) whose products go through `linear`."""
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return linear(x, w)
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
@@ -204,5 +214,5 @@ def use_for_training_(model: nn.Module) -> None:
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear  # the same object, parameters and hooks; only forward changes
-        elif isinstance(m, Experts):
-            m.linear = linear
+        elif type(m) is Experts:
+            m.__class__ = TrainingExperts

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from dsv2.config import ModelConfig
+from dsv2.kernels import quant
+from dsv2.kernels.quant import Scheme
 from dsv2.model import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -110,49 +114,175 @@ def load(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    quantization: str | Scheme | None = None,
 ) -> Transformer:
     """config.json + model.safetensors (or sharded model-*.safetensors with an index) -> Transformer.
 
-    dtype None means the checkpoint's own `torch_dtype`. The model is built on the meta device and materialised once in `dtype` on `device`; tensors are then
+    dtype None means the checkpoint's own `torch_dtype`. The model is built on the meta device; tensors are
     copied in one at a time from memory-mapped files, so peak memory is about one copy of the weights.
+    quantization ("int8", "int4" or a dsv2.kernels.quant.Scheme): projections and experts are quantized as they
+    stream in -- each parameter is held dense only until its last tensor arrives -- so peak memory is the
+    quantized model plus about one layer's experts. A checkpoint written by `dsv2 quantize` (a
+    `quantization_config` in config.json) loads quantized, in its own scheme.
     """
     root = Path(path)
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root}: no config.json (expected a Hugging Face checkpoint directory)")
-    cfg = ModelConfig.from_hf(root / "config.json")
+    raw = json.loads((root / "config.json").read_text())
+    cfg = ModelConfig.from_hf(raw)
+    stored = _stored_scheme(root, raw)
+    scheme = quant.resolve(quantization)
+    if stored is not None and scheme is not None and scheme != stored:
+        raise CheckpointError(f"{root} holds {stored.method} weights ({stored}); they cannot be requantized to "
+                              f"{scheme} -- load the original checkpoint for that")
+    scheme = scheme or stored
     files = _weight_files(root)
     with torch.device("meta"):
         model = Transformer(cfg)
     target = dtype or getattr(torch, cfg.torch_dtype, None)
     if not isinstance(target, torch.dtype):
         raise CheckpointError(f"{root}: config.json torch_dtype {cfg.torch_dtype!r} is not a torch dtype; pass dtype=")
-    model = model.to(target).to_empty(device=device)
-    params = dict(model.named_parameters())
-    table = {e.hf_name: e for e in layout(cfg)}
-    filled: set[str] = set()
-    unexpected: list[str] = []
+    model = model.to(target)
+    loader = _Loader(model, cfg, scheme, stored is not None, device)
     for file in files:
         with _open(file) as f:
             for name in f.keys():
-                entry = table.get(name)
-                if entry is None:
-                    # transformers writes n_shared_experts=0 as zero-width shared-expert tensors
-                    if 0 not in f.get_slice(name).get_shape():
-                        unexpected.append(name)
-                    continue
-                target = _target(params[entry.param], entry, cfg)
-                tensor = _get(f, name, file)
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise CheckpointError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
-                        f"{tuple(target.shape)}; the weights contradict the config"
-                    )
-                with torch.no_grad():
-                    target.copy_(tensor)
-                filled.add(name)
-    _check_complete(root, table, filled, unexpected)
+                loader.take(name, file, f)
+    loader.finish(root)
     model.rotary.inv_freq = model.rotary.inv_freq.to(device)
     return model.eval()
+
+
+def planned_weight_bytes(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                         quantization: str | Scheme | None = None) -> tuple[int, int, str]:
+    """(bytes of the loaded weights, bytes at the peak of loading, the format in words) for `load` with these
+    arguments, from config.json alone. Quantizing as it loads holds a parameter dense until its last tensor
+    arrives: the peak adds the largest such parameter (one layer's expert stack)."""
+    root = Path(path)
+    raw = json.loads((root / "config.json").read_text())
+    cfg = ModelConfig.from_hf(raw)
+    stored = _stored_scheme(root, raw)
+    scheme = quant.resolve(quantization) or stored
+    target = dtype or getattr(torch, cfg.torch_dtype, torch.float32)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    need = quant.weight_bytes(model, scheme, target)
+    staging = 0
+    if scheme is not None and stored is None:
+        source = getattr(torch, cfg.torch_dtype, torch.float32).itemsize
+        staging = max(p.numel() * source for name in quant.targets(model, scheme)
+                      for p in model.get_submodule(name).parameters(recurse=False))
+    what = str(target).removeprefix("torch.") if scheme is None else f"{scheme.method} + {target}".replace("torch.", "")
+    return need, need + staging, what
+
+
+def _stored_scheme(root: Path, raw: dict) -> Scheme | None:
+    if "quantization_config" not in raw:
+        return None
+    try:
+        return Scheme.from_config(raw["quantization_config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{root}/config.json: {e}") from e
+
+
+class _Loader:
+    """Streams HF tensors into a meta-built model. Modules that stay dense are materialised up front and filled
+    in place; each quantized module's parameters are staged (dense, or in the portable quantized form for a
+    quantized checkpoint) until their last tensor arrives, then turned into the quantized module."""
+
+    def __init__(self, model: Transformer, cfg: ModelConfig, scheme: Scheme | None, stored: bool,
+                 device: torch.device | str) -> None:
+        self.model, self.cfg, self.device, self.stored = model, cfg, device, stored
+        self.targets = quant.targets(model, scheme) if scheme is not None else {}
+        for name, m in model.named_modules():
+            if name not in self.targets and not any(name.startswith(t + ".") for t in self.targets):
+                m.to_empty(device=device, recurse=False)
+        self.params = dict(model.named_parameters())  # meta for the quantized modules' parameters
+        self.table = {e.hf_name: e for e in layout(cfg)}
+        # Every tensor the checkpoint must hold: the table's, and for a quantized checkpoint each quantized
+        # matrix's scale (and zero) beside it.
+        self.expected = list(self.table)
+        self.remaining: dict[str, int] = {}  # quantized parameter -> tensors still to come
+        for e in self.table.values():
+            scheme = self.targets.get(self._module_of(e.param))
+            if scheme is None:
+                continue
+            suffixes = list(quant.part_shapes((1, scheme.group_size), scheme)) if stored else [""]
+            self.expected += [e.hf_name + s for s in suffixes if s]
+            self.remaining[e.param] = self.remaining.get(e.param, 0) + len(suffixes)
+        self.staged: dict[str, dict[str, torch.Tensor]] = {}  # parameter -> part suffix -> staging tensor
+        self.done: dict[str, dict[str, quant.QuantizedTensor]] = {}  # module -> parameter -> quantized
+        self.filled: set[str] = set()
+        self.unexpected: list[str] = []
+
+    @staticmethod
+    def _module_of(param: str) -> str:
+        return param.rpartition(".")[0]
+
+    def take(self, name: str, file: Path, f) -> None:  # noqa: ANN001 (safetensors' handle type is private)
+        suffix = next((s for s in quant.PART_SUFFIXES[1:] if name.endswith(s)), "") if self.stored else ""
+        base = name[: len(name) - len(suffix)] if suffix else name
+        entry = self.table.get(base)
+        if entry is None:
+            # transformers writes n_shared_experts=0 as zero-width shared-expert tensors
+            if 0 not in f.get_slice(name).get_shape():
+                self.unexpected.append(name)
+            return
+        module = self._module_of(entry.param)
+        scheme = self.targets.get(module)
+        quantized_here = self.stored and scheme is not None
+        if suffix and not quantized_here:
+            self.unexpected.append(name)
+            return
+        if quantized_here:
+            full = self.params[entry.param].shape
+            shape, dtype = quant.part_shapes(full, scheme)[suffix], quant.part_dtypes(scheme)[suffix]
+        else:
+            shape, dtype = self.params[entry.param].shape, self.params[entry.param].dtype
+        if scheme is None:
+            dest = self.params[entry.param]
+        else:
+            parts = self.staged.setdefault(entry.param, {})
+            if suffix not in parts:
+                parts[suffix] = torch.empty(shape, dtype=dtype, device=self.device)
+            dest = parts[suffix]
+        view = _target(dest, entry, self.cfg)
+        tensor = _get(f, name, file)
+        if tuple(tensor.shape) != tuple(view.shape):
+            raise CheckpointError(
+                f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(view.shape)}; the weights contradict the config")
+        if quantized_here and tensor.dtype != dtype:
+            raise CheckpointError(f"{file.name}: tensor {name!r} is {tensor.dtype}, a {scheme.method} checkpoint "
+                                  f"stores {dtype} there")
+        with torch.no_grad():
+            view.copy_(tensor)
+        if name in self.filled:
+            raise CheckpointError(f"{file.name}: tensor {name!r} appears twice in the checkpoint")
+        self.filled.add(name)
+        if scheme is not None:
+            self.remaining[entry.param] -= 1
+            if self.remaining[entry.param] == 0:
+                self._complete(entry.param, module, scheme)
+
+    def _complete(self, param: str, module: str, scheme: Scheme) -> None:
+        """A quantized module's parameter has all its rows: quantize it (or take the stored parts); once the
+        module's parameters are all in, swap in the quantized module and drop the staging."""
+        parts = self.staged.pop(param)
+        if self.stored:
+            q = quant.QuantizedTensor(parts[""], parts["_scale"], parts.get("_zero"))
+        else:
+            q = quant.quantize(parts[""], scheme)
+        mine = self.done.setdefault(module, {})
+        mine[param.rpartition(".")[2]] = q
+        parent_name, _, child = module.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        dense = getattr(parent, child)
+        if len(mine) == len(list(dense.parameters(recurse=False))):
+            setattr(parent, child, quant.build(dense, self.done.pop(module), scheme))
+
+    def finish(self, root: Path) -> None:
+        _check_complete(root, self.expected, self.filled, self.unexpected)
 
 
 def _weight_files(root: Path) -> list[Path]:
@@ -186,8 +316,8 @@ def _get(handle, name: str, file: Path) -> torch.Tensor:  # noqa: ANN001
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
 
-def _check_complete(root: Path, table: dict[str, Entry], filled: set[str], unexpected: list[str]) -> None:
-    missing = [name for name in table if name not in filled]
+def _check_complete(root: Path, expected: list[str], filled: set[str], unexpected: list[str]) -> None:
+    missing = [name for name in expected if name not in filled]
     if not missing and not unexpected:
         return
     parts = []
@@ -258,3 +388,84 @@ def _parse_size(size: int | str) -> int:
     unit = (m.group(2) or "").upper()
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[unit]
     return int(float(m.group(1)) * scale)
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+# Files a checkpoint directory carries beside its weights, copied as they are.
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, quantization: str | Scheme,
+                        max_shard_size: int | str = "2GB", progress: bool = False) -> None:
+    """Write `src` with its projections and experts quantized (the portable form of dsv2.kernels.quant), under
+    the official tensor names with `_scale` (and `_zero`) beside each quantized matrix, and the scheme as
+    config.json's `quantization_config`; `load(out)` reads it without the original. Tensors stream one at a time,
+    so memory stays near one shard."""
+    root, dest = Path(src), Path(out)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root}: no config.json (expected a Hugging Face checkpoint directory)")
+    raw = json.loads((root / "config.json").read_text())
+    if "quantization_config" in raw:
+        raise CheckpointError(f"{root} is already quantized ({raw['quantization_config']}); quantize the original")
+    scheme = quant.resolve(quantization)
+    cfg = ModelConfig.from_hf(raw)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    targets = quant.targets(model, scheme)
+    table = {e.hf_name: e for e in layout(cfg)}
+    files = _weight_files(root)
+    dest.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    names_written: list[list[str]] = []
+
+    def flush() -> None:
+        nonlocal size
+        tensors = shards[-1]
+        if tensors:
+            name = f"part-{len(names_written) + 1:05d}.safetensors"
+            save_file(tensors, dest / name, metadata={"format": "pt"})
+            names_written.append(list(tensors))
+        shards[-1], size = {}, 0
+
+    bar = tqdm(total=len(table), unit="tensor", desc="quantizing", disable=not progress)
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                entry = table.get(name)
+                if entry is None:
+                    if 0 not in f.get_slice(name).get_shape():
+                        unexpected.append(name)
+                    continue
+                tensor = _get(f, name, file)
+                s = targets.get(entry.param.rpartition(".")[0])
+                parts = {"": tensor} if s is None else {
+                    suffix: t for suffix, t in quant.quantize(tensor, s).parts().items()}
+                for suffix, t in parts.items():
+                    if shards[-1] and size + t.nbytes > limit:
+                        flush()
+                    shards[-1][name + suffix] = t.contiguous()
+                    size += t.nbytes
+                filled.add(name)
+                bar.update()
+    flush()
+    bar.close()
+    _check_complete(root, list(table), filled, unexpected)
+    n = len(names_written)
+    weight_map, total = {}, 0
+    for i, names in enumerate(names_written, start=1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(dest / f"part-{i:05d}.safetensors", dest / final)
+        os.chmod(dest / final, 0o666 & ~_umask())
+        weight_map.update(dict.fromkeys(names, final))
+        total += (dest / final).stat().st_size
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dest / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    raw["quantization_config"] = scheme.to_config()
+    (dest / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    for side in _SIDE_FILES:
+        if (root / side).is_file() and root.resolve() != dest.resolve():
+            shutil.copyfile(root / side, dest / side)

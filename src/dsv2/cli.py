@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from dsv2 import tokenizer
+from dsv2 import convert, tokenizer
 from dsv2.eval import commands as eval_commands
 from dsv2.infer import commands as infer_commands
 from dsv2.serve import commands as serve_commands
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer_commands.add_commands(sub)
     serve_commands.add_commands(sub)
     tokenizer.add_commands(sub)
+    convert.add_commands(sub)
     train_commands.add_commands(sub)
     sft.add_commands(sub)
     grpo.add_commands(sub)

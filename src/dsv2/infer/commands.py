@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from dsv2.interrupt import stop_on_sigint
 from dsv2.kernels import onednn
+from dsv2.kernels.quant import METHODS as QUANT_METHODS
 
 # The names the engine's dtype argument takes (checked here, so that a typo fails before the model loads).
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -84,6 +85,9 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemm", choices=onednn.CHOICES, default="auto",
                    help="fp32 products: 'onednn' with weights packed once, 'torch' (F.linear), 'auto' = oneDNN on "
                         "x86 CPUs unless --compile")
+    p.add_argument("--quantization", choices=QUANT_METHODS, default=None,
+                   help="weight-only int8 (one scale per row) or int4 (groups of 64) projections and experts, "
+                        "quantized as the checkpoint loads (a `dsv2 quantize`d checkpoint needs no flag)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -134,7 +138,8 @@ def _load(args: argparse.Namespace) -> Any:  # noqa: ANN401
         print("dsv2: decoding is compiled on first use; the first tokens can take a minute", file=sys.stderr)
     return LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
                max_model_len=args.max_model_len,
-               cache_dtype=args.cache_dtype, compile=args.compile, gemm=args.gemm)
+               cache_dtype=args.cache_dtype, compile=args.compile, gemm=args.gemm,
+               quantization=args.quantization)
 
 
 def _stream(llm: Any, prompt: str | list[int], params: Any, out: TextIO) -> list[Any]:  # noqa: ANN401

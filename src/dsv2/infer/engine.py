@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dsv2.checkpoint import load
+from dsv2.checkpoint import load, planned_weight_bytes
 from dsv2.default_model import default_model_dir
 from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2.infer.blocks import BlockAllocator
@@ -30,7 +30,7 @@ from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
 from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, generation_defaults, sample
 from dsv2.infer.scheduler import Scheduled, Scheduler
 from dsv2.infer.scheduler import Sequence as SchedSeq
-from dsv2.kernels import onednn
+from dsv2.kernels import onednn, quant
 from dsv2.model import Transformer
 from dsv2.tokenizer import StreamDecoder, Tokenizer
 
@@ -108,6 +108,7 @@ class LLM:
         gemv_layout: bool | None = None,
         compile: bool = False,
         gemm: str = "auto",
+        quantization: str | None = None,
     ) -> None:
         """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too), a built model, or
         None for the model shipped in the package (dsv2-tiny).
@@ -122,27 +123,41 @@ class LLM:
         ModelRunner). gemm: "onednn" multiplies fp32 projections and experts through oneDNN with weights packed
         once (dsv2.kernels.onednn; gemv_layout is then moot), "torch" through F.linear; "auto" (default) packs on an
         x86 CPU when the engine loads the checkpoint itself and does not compile -- a model passed in is packed
-        only if asked, since packing makes it inference-only."""
+        only if asked, since packing makes it inference-only. quantization: "int8" or "int4" weight-only
+        projections and experts (dsv2.kernels.quant), quantized as the checkpoint streams in, or applied to a
+        model passed in; a checkpoint written by `dsv2 quantize` loads in its own format without it. Before
+        loading, the weights' size in the requested format is checked against the free memory."""
         self.device = _check_device(device)
         # What a request that leaves a sampling field unset gets (the server and the CLI read it): the
         # checkpoint's generation_config.json, as transformers and vLLM use it.
         self.generation_defaults: dict[str, Any] = {}
+        scheme = quant.resolve(quantization)
         if isinstance(model, Transformer):
             self.model = model.eval()
+            if scheme is not None:
+                quant.quantize_(self.model, scheme)
         else:
             path = Path(model) if model is not None else default_model_dir()
             self.generation_defaults = generation_defaults(path)
-            self.model = load(path, dtype=_dtype(dtype), device=self.device)
+            _check_fits(path, _dtype(dtype), scheme, self.device)
+            self.model = load(path, dtype=_dtype(dtype), device=self.device, quantization=scheme)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path
+        quantized = any(isinstance(m, quant.QuantLinear | quant.QuantExperts) for m in self.model.modules())
+        if quantized and compile:
+            raise ValueError("compile=True is not supported with quantized weights yet: their products run "
+                             "eagerly through torch's int8/int4 kernels")
         own_cpu_model = self.device.type == "cpu" and not isinstance(model, Transformer)
-        packed = onednn.wanted(gemm, self.device) and (gemm == "onednn" or (own_cpu_model and not compile))
+        # With quantized weights, what stays dense (embedding, norms, router, wkv_b) is read a row or a head
+        # at a time: neither packing nor a column-major layout would pay.
+        packed = not quantized and onednn.wanted(gemm, self.device) and (
+            gemm == "onednn" or (own_cpu_model and not compile))
         if packed:
             if compile:
                 raise ValueError("compile=True and gemm='onednn' are alternatives: the compiled decode graph "
                                  "multiplies dense weights itself")
             onednn.pack_for_inference_(self.model)
-        elif gemv_layout or (gemv_layout is None and own_cpu_model):
+        elif not quantized and (gemv_layout or (gemv_layout is None and own_cpu_model)):
             transpose_weights_for_gemv_(self.model)
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)
@@ -167,6 +182,10 @@ class LLM:
                         num_blocks * block_size, self.max_model_len, num_blocks * block_size)
             self.max_model_len = num_blocks * block_size
         self.cache = PagedLatentCache(self.cfg, num_blocks, block_size, cache_dtype, self.device)
+        self.weight_bytes = quant.model_weight_bytes(self.model)
+        log.info("weights %.2f GiB%s; latent cache %.2f GiB, %d tokens", self.weight_bytes / 2**30,
+                 f" ({scheme.method})" if quantized and scheme else "",
+                 num_blocks * block_size * self.cache_bytes_per_token / 2**30, num_blocks * block_size)
         self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, compile_decode=compile)
@@ -404,6 +423,20 @@ def _hold_back(text: str, stops: Sequence[str]) -> str:
                 hold = k
                 break
     return text[: len(text) - hold]
+
+
+def _check_fits(path: Path, dtype: torch.dtype | None, scheme: quant.Scheme | None, device: torch.device) -> None:
+    """Refuse, before loading, a checkpoint whose weights cannot fit in free memory (rather than be killed by
+    the kernel halfway through)."""
+    if not (path / "config.json").is_file():
+        return  # load() says what is wrong
+    need, peak, what = planned_weight_bytes(path, dtype, scheme)
+    free = available_memory(device)
+    if peak > free:
+        hint = "" if scheme is not None and scheme.method == "int4" else \
+            "; try --quantization int8" if scheme is None else "; try --quantization int4"
+        raise ValueError(f"{path} needs {need / 2**30:.1f} GiB as {what} ({peak / 2**30:.1f} GiB at the peak of "
+                         f"loading), {free / 2**30:.1f} GiB available{hint}")
 
 
 def _check_device(device: torch.device | str) -> torch.device:

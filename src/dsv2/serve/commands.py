@@ -50,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> int:
     _log_to_stderr()
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
               max_model_len=args.max_model_len, cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile,
-              gemm=args.gemm)
+              gemm=args.gemm, quantization=args.quantization)
     if args.compile:
         print("dsv2: compiling the decode graphs (once, before serving)...", flush=True)
         llm.warm_up()

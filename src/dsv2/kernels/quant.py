@@ -1,0 +1,396 @@
+"""Weight-only int8 and int4 for projections and stacked experts: the formats, their CPU products, and the
+modules that replace a built model's dense ones.
+
+Formats (row-local: every output row is quantized on its own, so the rows of a fused matrix -- gate and up,
+q and kv -- can be quantized as separate tensors and concatenated):
+- int8: symmetric, one scale per output row. w ~ q * scale, q in [-127, 127].
+- int4: group-wise along the input dimension (group_size 32, 64 or 128), q in [0, 15],
+  w ~ (q - 8) * scale + zero. Symmetric (zero = 0): llama.cpp Q4_0's rule, the group's largest-magnitude value
+  maps to -8 exactly, so all 16 levels are used. Asymmetric: the group's [min, max] spans the 16 levels.
+
+The portable form (`QuantizedTensor`: what `dsv2 quantize` writes and a quantized checkpoint holds) is plain:
+int8 `weight` (N, K); or uint8 `weight` (N, K / 2), two values per byte, the even column in the low nibble,
+with fp32 `weight_scale` (N,) or (N, K / group) and, for asymmetric int4, `weight_zero` (N, K / group).
+
+Products (measured in benchmarks/quant.py): torch's own CPU kernels, `aten._weight_int8pack_mm` and
+`aten._weight_int4pack_mm_for_cpu`, multiply bf16 activations by the quantized weight directly; their cost grows
+linearly with the rows (each row streams the weight again), so past `KERNEL_MAX_ROWS` rows (prefill, the busy
+experts of a large batch) the weight is dequantized once into the activation dtype and multiplied by the dense
+GEMM. Both kernels need bf16 activations to be fast (fp32 ones were 10x slower), so other dtypes are cast
+around the call. Each weight's `dequantize()` is the reference its fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv2.model.moe import Experts, Routing, inference_experts, swiglu
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+
+# Rows up to which the quantized kernels beat dequantize + dense GEMM (benchmarks/quant.py, a 2816 x 2048
+# expert projection on 2 cores: int8 1 row 0.32 ms, 16 rows 1.96 ms against 1.8 ms of dequantizing alone).
+KERNEL_MAX_ROWS = 16
+# torch's CPU int4 packing interleaves blocks of 64 output rows (checked at first use: `_int4_layout_known`).
+_INT4_BLOCK_N = 64
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a model's weights are quantized. int4 keeps lm_head in int8: the head is one big matrix whose rounding
+    every logit sees."""
+
+    method: str
+    group_size: int = 64  # int4 only
+    symmetric: bool = True  # int4 only; int8 is always symmetric
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization must be one of {METHODS}, got {self.method!r}")
+        if self.method == "int4" and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    def to_config(self) -> dict[str, Any]:
+        """The `quantization_config` entry of a quantized checkpoint's config.json."""
+        d: dict[str, Any] = {"quant_method": "dsv2", "method": self.method, "format": "weight-only",
+                             "modules": "projections and experts except kv_b_proj; lm_head int8"}
+        if self.method == "int4":
+            d.update(group_size=self.group_size, symmetric=self.symmetric)
+        return d
+
+    @classmethod
+    def from_config(cls, d: Mapping[str, Any]) -> Scheme:
+        if d.get("quant_method") != "dsv2":
+            raise ValueError(f"quantization_config quant_method {d.get('quant_method')!r}: only 'dsv2' checkpoints "
+                             "(written by `dsv2 quantize`) are read")
+        return cls(d.get("method", ""), int(d.get("group_size", 64)), bool(d.get("symmetric", True)))
+
+    def for_module(self, name: str) -> Scheme:
+        return Scheme("int8") if name == "head" else self
+
+
+def resolve(quantization: str | Scheme | None) -> Scheme | None:
+    """'int8' / 'int4' / a Scheme / None -> a Scheme or None."""
+    if quantization is None or isinstance(quantization, Scheme):
+        return quantization
+    return Scheme(quantization)
+
+
+# ------------------------------------------------------------------------------------------- portable form
+@dataclass
+class QuantizedTensor:
+    """One quantized matrix (or a stack of them on a leading expert axis) in the portable form."""
+
+    weight: torch.Tensor  # int8 (..., N, K) or uint8 (..., N, K / 2)
+    scale: torch.Tensor  # fp32 (..., N) for int8, (..., N, K / group) for int4
+    zero: torch.Tensor | None = None  # fp32 like scale, asymmetric int4 only
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Suffix -> tensor, as a checkpoint stores them beside the matrix's own name."""
+        d = {"": self.weight, "_scale": self.scale}
+        if self.zero is not None:
+            d["_zero"] = self.zero
+        return d
+
+
+PART_SUFFIXES = ("", "_scale", "_zero")
+
+
+def part_shapes(shape: Sequence[int], scheme: Scheme) -> dict[str, tuple[int, ...]]:
+    """The portable parts' shapes for a dense matrix (or stack) of this shape."""
+    *lead, n, k = shape
+    if scheme.method == "int8":
+        return {"": (*lead, n, k), "_scale": (*lead, n)}
+    if k % scheme.group_size:
+        raise ValueError(f"int4 with group_size {scheme.group_size} needs an input dimension divisible by it, "
+                         f"got {k}")
+    d = {"": (*lead, n, k // 2), "_scale": (*lead, n, k // scheme.group_size)}
+    if not scheme.symmetric:
+        d["_zero"] = d["_scale"]
+    return d
+
+
+def part_dtypes(scheme: Scheme) -> dict[str, torch.dtype]:
+    return {"": torch.int8 if scheme.method == "int8" else torch.uint8, "_scale": torch.float32,
+            "_zero": torch.float32}
+
+
+# Rows quantized at a time: bounds the fp32 temporaries to ~64 MB whatever the matrix.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def quantize(w: torch.Tensor, scheme: Scheme) -> QuantizedTensor:
+    """A dense (..., N, K) matrix -> its portable quantized form, row-chunked so that memory stays small."""
+    lead, (n, k) = w.shape[:-2], w.shape[-2:]
+    flat = w.reshape(-1, k)
+    shapes = {s: (flat.shape[0], *shape[len(lead) + 1:]) for s, shape in part_shapes(w.shape, scheme).items()}
+    out = {s: torch.empty(shape, dtype=part_dtypes(scheme)[s], device=w.device) for s, shape in shapes.items()}
+    step = max(1, _CHUNK_ELEMENTS // k)
+    for r in range(0, flat.shape[0], step):
+        rows = slice(r, r + step)
+        for s, t in _quantize_rows(flat[rows].float(), scheme).items():
+            out[s][rows] = t
+    full = {s: t.view(*lead, n, *t.shape[1:]) for s, t in out.items()}
+    return QuantizedTensor(full[""], full["_scale"], full.get("_zero"))
+
+
+def _quantize_rows(w: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
+    if scheme.method == "int8":
+        scale = w.abs().amax(dim=-1) / 127
+        q = (w / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round_().clamp_(-127, 127)
+        return {"": q.to(torch.int8), "_scale": scale}
+    n, k = w.shape
+    g = w.view(n, k // scheme.group_size, scheme.group_size)
+    if scheme.symmetric:
+        # The signed value of largest magnitude becomes -8 (llama.cpp's Q4_0 rule), so both ends of the range
+        # are used; a scale of 0 (an all-zero group) would divide by zero, so such groups get 1 (any value works).
+        extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True))[..., 0]
+        scale = extreme / -8
+        q = (g / torch.where(scale == 0, 1.0, scale)[..., None]).round_().add_(8).clamp_(0, 15)
+        zero = None
+    else:
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = (hi - lo) / 15
+        q = ((g - lo[..., None]) / torch.where(scale == 0, 1.0, scale)[..., None]).round_().clamp_(0, 15)
+        zero = lo + 8 * scale  # so that w = (q - 8) * scale + zero, torch's int4 convention
+    q = q.to(torch.uint8).view(n, k)
+    d = {"": q[:, 0::2] | (q[:, 1::2] << 4), "_scale": scale}
+    if zero is not None:
+        d["_zero"] = zero
+    return d
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., N, K / 2) -> the uint8 values (..., N, K) in [0, 15]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize(qt: QuantizedTensor, scheme: Scheme, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The portable form back to a dense matrix: the reference every fast path is compared with."""
+    if scheme.method == "int8":
+        return (qt.weight.float() * qt.scale[..., None]).to(dtype)
+    q = unpack_int4(qt.weight).float() - 8
+    g = q.unflatten(-1, (-1, scheme.group_size)) * qt.scale[..., None]
+    if qt.zero is not None:
+        g = g + qt.zero[..., None]
+    return g.flatten(-2).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------- runtime weights
+class QuantWeight:
+    """One matrix in the form its CPU kernel reads. `mm(x)` is x @ W.T; `dequantize()` is W."""
+
+    shape: tuple[int, int]
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.shape[1]
+        if rows > KERNEL_MAX_ROWS:
+            return F.linear(x, self.dequantize(x.dtype))
+        y = self._kernel(x.reshape(-1, self.shape[1]).to(torch.bfloat16))
+        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+
+    def _kernel(self, x_bf16: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+
+class Int8Weight(QuantWeight):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        self.q = weight.contiguous()
+        self.shape = tuple(self.q.shape)
+        self.scale = scale.to(torch.bfloat16)  # the kernel takes scales in the activations' dtype
+
+    def _kernel(self, x_bf16: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x_bf16, self.q, self.scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.q.to(dtype) * self.scale.to(dtype)[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+class Int4Weight(QuantWeight):
+    """Held only in torch's CPU int4 layout; dequantize reads that layout back (see `_int4_layout_known`)."""
+
+    def __init__(self, qt: QuantizedTensor, group_size: int) -> None:
+        n, half = qt.weight.shape
+        self.shape, self.group_size = (n, 2 * half), group_size
+        values = unpack_int4(qt.weight).to(torch.int32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+        zero = qt.zero if qt.zero is not None else torch.zeros_like(qt.scale)
+        # (K / group, N, 2): scale and zero per group and row, bf16 as the kernel wants them
+        self.scales_zeros = torch.stack([qt.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    def _kernel(self, x_bf16: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.packed, self.group_size, self.scales_zeros)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.shape
+        if n % _INT4_BLOCK_N or not _int4_layout_known():
+            # An unknown layout: multiply the identity through the kernel (correct, K rows of work).
+            eye = torch.eye(k, dtype=torch.bfloat16)
+            return self._kernel(eye).t().to(dtype)
+        # [N / 64, K, 32] bytes: the low nibble is row n of the block, the high nibble row n + 32
+        p = self.packed.view(n // _INT4_BLOCK_N, k, _INT4_BLOCK_N // 2)
+        q = torch.cat([p & 15, p >> 4], dim=-1).transpose(1, 2).reshape(n, k)
+        s, z = self.scales_zeros.to(dtype).unbind(-1)  # (K / group, N)
+        g = (q.to(dtype) - 8).view(n, k // self.group_size, self.group_size)
+        return (g * s.t()[..., None] + z.t()[..., None]).view(n, k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+
+@functools.cache
+def _int4_layout_known() -> bool:
+    """Whether this torch packs int4 for the CPU the way Int4Weight.dequantize reads it (a probe, once)."""
+    values = torch.randint(0, 16, (_INT4_BLOCK_N * 2, 64), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    v = values.view(2, _INT4_BLOCK_N, 64)
+    half = _INT4_BLOCK_N // 2
+    expected = (v[:, :half] | (v[:, half:] << 4)).transpose(1, 2).to(torch.uint8)
+    return packed.shape == (_INT4_BLOCK_N * 2, 32) and torch.equal(packed.flatten(), expected.flatten())
+
+
+def runtime_weight(qt: QuantizedTensor, scheme: Scheme) -> QuantWeight:
+    if scheme.method == "int8":
+        return Int8Weight(qt.weight, qt.scale)
+    return Int4Weight(qt, scheme.group_size)
+
+
+def _expert_slices(qt: QuantizedTensor) -> list[QuantizedTensor]:
+    zeros = qt.zero.unbind(0) if qt.zero is not None else [None] * len(qt.weight)
+    return [QuantizedTensor(w, s, z) for w, s, z in zip(qt.weight.unbind(0), qt.scale.unbind(0), zeros)]
+
+
+# ----------------------------------------------------------------------------------------------- modules
+def _qmm(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    return w.mm(x)
+
+
+class QuantLinear(nn.Module):
+    """An inference-only bias-free projection on a quantized weight."""
+
+    def __init__(self, weight: QuantWeight) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qweight.mm(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {type(self.qweight).__name__}"
+
+
+class QuantExperts(nn.Module):
+    """Inference-only routed experts on quantized per-expert weights, with Experts' eager inference paths."""
+
+    def __init__(self, w13: Sequence[QuantWeight], w2: Sequence[QuantWeight]) -> None:
+        super().__init__()
+        self.n_experts, self.hidden = len(w13), w2[0].shape[1]
+        self.w13, self.w2 = list(w13), list(w2)
+
+    def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if routing.kept is not None or torch.is_grad_enabled():
+            raise RuntimeError("quantized experts are for inference only (no autograd, no token dropping)")
+        return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, linear=_qmm)
+
+    def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
+        return swiglu(x_NH, self.w13[e], self.w2[e], _qmm)
+
+    forward_loop = Experts.forward_loop
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, {type(self.w13[0]).__name__}"
+
+
+def targets(model: nn.Module, scheme: Scheme) -> dict[str, Scheme]:
+    """The modules to quantize and each one's scheme: every bias-free projection but the attention's wkv_b (the
+    absorbed decode multiplies per-head slices of its dense weight; 1/60 of V2-Lite's weights) and every
+    routed-expert stack. The embedding, norms and router stay in the model dtype: the embedding is read one row
+    per token, the router's few logits pick the experts."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.bias is None and not name.endswith("wkv_b") or isinstance(m, Experts):
+            s = scheme.for_module(name)
+            # torch's int4 kernel needs N divisible by 16 and K by the group size; other shapes (test-sized
+            # models, not the published ones) fall back to int8.
+            if s.method == "int4" and any(p.shape[-2] % 16 or p.shape[-1] % s.group_size
+                                          for p in m.parameters(recurse=False)):
+                s = Scheme("int8")
+            out[name] = s
+    return out
+
+
+def build(module: nn.Module, parts: Mapping[str, QuantizedTensor], scheme: Scheme) -> nn.Module:
+    """The quantized replacement of a dense module, from its parameters' portable forms (by parameter name)."""
+    if isinstance(module, Experts):
+        return QuantExperts([runtime_weight(q, scheme) for q in _expert_slices(parts["w13"])],
+                            [runtime_weight(q, scheme) for q in _expert_slices(parts["w2"])])
+    return QuantLinear(runtime_weight(parts["weight"], scheme))
+
+
+def quantize_(model: nn.Module, scheme: Scheme | str) -> nn.Module:
+    """Replace a built dense model's projections and experts by quantized ones, in place; inference-only."""
+    scheme = resolve(scheme)
+    chosen = targets(model, scheme)
+    with torch.no_grad():
+        for name, s in chosen.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            module = getattr(parent, child)
+            parts = {p: quantize(t.detach(), s) for p, t in module.named_parameters(recurse=False)}
+            setattr(parent, child, build(module, parts, s))
+    return model
+
+
+def weight_bytes(model: nn.Module, scheme: Scheme | None, dtype: torch.dtype) -> int:
+    """Bytes the model's weights take in memory once loaded with this scheme (a meta-device model is enough):
+    what the engine checks against the free memory before loading."""
+    chosen = targets(model, scheme) if scheme is not None else {}
+    total = 0
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            s = chosen.get(name)
+            total += p.numel() * dtype.itemsize if s is None else _quantized_bytes(p.shape, s)
+    return total
+
+
+def _quantized_bytes(shape: Sequence[int], scheme: Scheme) -> int:
+    *lead, n, k = shape
+    count = 1
+    for d in lead:
+        count *= d
+    if scheme.method == "int8":
+        return count * n * (k + 2)  # int8 values + a bf16 scale per row
+    return count * n * (k // 2 + 4 * (k // scheme.group_size))  # packed nibbles + bf16 scale and zero per group
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of a loaded model's weights: dense parameters plus quantized weights."""
+    total = sum(p.nbytes for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.qweight.nbytes
+        elif isinstance(m, QuantExperts):
+            total += sum(w.nbytes for w in m.w13 + m.w2)
+    return total

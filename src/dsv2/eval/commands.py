@@ -28,6 +28,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--humaneval-limit", type=int, default=None, metavar="K", help="only the first K problems")
     p.add_argument("--max-tokens", type=int, default=256, help="generation limit for the generated tasks")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantization", choices=("int8", "int4"), default=None,
+                   help="evaluate with weight-only int8 or int4 projections and experts (int4: groups of 64)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result here")
     p.set_defaults(func=run_eval)
 
@@ -43,14 +45,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = Path(args.model)
     result: dict[str, Any] = {"model": str(model_dir)}
     if args.ppl_text:
-        tok, model = Tokenizer.from_dir(model_dir), load(model_dir, dtype=torch.float32)
+        tok = Tokenizer.from_dir(model_dir)
+        model = load(model_dir, dtype=torch.float32, quantization=args.quantization)
         result["perplexity"] = []
         for path in args.ppl_text:
             ppl = perplexity(model, heldout_tokens(tok, Path(path)), args.ppl_window, args.ppl_stride)
             result["perplexity"].append({"file": path, "perplexity": ppl.perplexity, "mean_nll": ppl.mean_nll,
                                          "tokens": ppl.tokens, "window": args.ppl_window})
     if args.arith or args.humaneval:
-        llm = LLM(model_dir, dtype=args.dtype)
+        llm = LLM(model_dir, dtype=args.dtype, quantization=args.quantization)
         if args.arith:
             batch = problems(args.arith_split, args.arith, args.arith_seed)
             result["arithmetic"] = (arithmetic_accuracy(llm, batch, args.max_tokens, args.arith_format)

@@ -15,13 +15,15 @@ reading of the converter against another:
   head_count_kv = 1, key_length = kv_lora_rank + qk_rope_head_dim, value_length = kv_lora_rank,
   key_length_mla = qk_nope + qk_rope, value_length_mla = v_head_dim, yarn_log_multiplier = 0.1 * mscale_all_dim,
   expert_weights_norm only when true, expert_group_count / expert_group_used_count when n_group / topk_group
-  are set, expert_gating_func from scoring_func. `mla=False` writes the pre-MLA converter's layout instead:
-  `attn_kv_b` whole, head_count_kv = num_key_value_heads, key_length = qk_nope + qk_rope, value_length =
-  v_head_dim, and none of the keys added since (the *_mla lengths, gating function, expert groups, yarn betas).
+  are set, expert_gating_func from scoring_func. `mla=False` writes the layout of the first deepseek2
+  converter (2024) instead: `attn_kv_b` whole, head_count_kv = num_key_value_heads, key_length = qk_nope +
+  qk_rope, value_length = v_head_dim, and none of the keys added later (the *_mla lengths, the gating function
+  -- "existing DeepSeek V2 and V2.5 GGUFs that have no expert_gating_func" in src/models/deepseek2.cpp --,
+  expert groups, yarn betas).
 * Names: gguf-py's `TensorNameMap(MODEL_ARCH.DEEPSEEK2).get_name(name, try_suffixes=(".weight", ".bias"))`,
   as `ModelBase.map_tensor_name` does.
 * Types: `ModelBase.prepare_tensors` keeps 1-D tensors, `*_norm.weight` and FFN_GATE_INP in F32. For K-quants,
-  llama-quantize (`llama_tensor_get_type` in src/llama-quant.cpp) falls back when a row is not a multiple of
+  llama-quantize (`tensor_type_fallback` in src/llama-quant.cpp) falls back when a row is not a multiple of
   256: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when the row does not fit that type's blocks
   either (as `prepare_tensors` does on gguf.QuantError). Types gguf.quants can quantize go through it; Q4_K, Q5_K and
   Q6_K (which it can only dequantize) are encoded here, block layout read off gguf.quants' dequantizers, with
@@ -250,9 +252,33 @@ def tokenizer_metadata(
     return {
         "pre": pre, "tokens": tokens, "types": types, "merges": merges,
         "bos": token_id("bos_token"), "eos": token_id("eos_token"), "pad": token_id("pad_token"),
-        "add_bos": tokenizer_config.get("add_bos_token"), "add_eos": tokenizer_config.get("add_eos_token"),
+        **_add_special(data.get("post_processor"), tokenizer_config),
         "chat_template": tokenizer_config.get("chat_template"),
     }
+
+
+def _add_special(post_processor: Mapping[str, Any] | None, tokenizer_config: Mapping[str, Any]) -> dict[str, Any]:
+    """SpecialVocab._load: the post-processor decides add_bos/add_eos ("Mismatch between tokenizer_config
+    add_bos_token(True) and tokenizer post_processor<bos>(False) - opting for the latter"), config.json after."""
+    def content(key: str) -> str | None:
+        value = tokenizer_config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    add: dict[str, Any] = {}
+    for processor in (post_processor or {}).get("processors", [post_processor] if post_processor else []):
+        if processor.get("type") == "ByteLevel":
+            add.setdefault("add_bos", False)
+            add.setdefault("add_eos", False)
+        elif processor.get("type") == "TemplateProcessing":
+            single = processor.get("single", [])
+            if len(single) > 1:
+                first = single[0].get("SpecialToken", {}).get("id")
+                last = single[-1].get("SpecialToken", {}).get("id")
+                add["add_bos"] = first is not None and first == content("bos_token")
+                add["add_eos"] = last is not None and last == content("eos_token")
+    for key in ("bos", "eos"):
+        add.setdefault(f"add_{key}", tokenizer_config.get(f"add_{key}_token"))
+    return add
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, tok: Mapping[str, Any]) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from dsv2.config import ModelConfig, YarnScaling  # noqa: E402
 from dsv2.gguf import GGUFError, _PRE_REGEXES, is_gguf, iter_tensors, read_config, write_tokenizer  # noqa: E402
 from dsv2.model import Transformer  # noqa: E402
 from dsv2.tokenizer import Tokenizer as DsTokenizer  # noqa: E402
-from dsv2.tokenizer import named_tokenizer_dir, train_bpe  # noqa: E402
+from dsv2.tokenizer import BOS_TOKEN, EOS_TOKEN, named_tokenizer_dir, train_bpe  # noqa: E402
 from tests.conftest import YARN_0707, randomize_, small_config  # noqa: E402
 from tests.gguf_writer import (  # noqa: E402
     relative_error, tokenizer_metadata, write_deepseek2_gguf, write_tokenizer_only,
@@ -149,7 +151,8 @@ def test_layout_facts_of_llama_cpp(models: dict, tmp_path: Path) -> None:
     for h, j, c in ((0, 0, 0), (2, 7, 9), (nh - 1, vd - 1, kv - 1)):
         assert v_b[h, j, c] == kv_b[h * (nope + vd) + nope + j, c]
     # expert e of the stacked tensor is mlp.experts.e
-    assert np.array_equal(tensors["blk.1.ffn_up_exps.weight"].data[5], sd["model.layers.1.mlp.experts.5.up_proj.weight"])
+    up_exps = tensors["blk.1.ffn_up_exps.weight"].data
+    assert np.array_equal(up_exps[5], sd["model.layers.1.mlp.experts.5.up_proj.weight"])
     # the pre-MLA layout keeps kv_b_proj whole: {kv_lora_rank, n_head * (qk_nope + v_head)}
     legacy = gguf.GGUFReader(_write(tmp_path / "legacy.gguf", cfg, sd, mla=False))
     t = next(t for t in legacy.tensors if t.name == "blk.0.attn_kv_b.weight")
@@ -356,7 +359,9 @@ def test_v2_vocabulary_copies_the_real_tokenizer(tmp_path: Path, monkeypatch: py
     assert write_tokenizer(path, tmp_path / "copied")
     assert (tmp_path / "copied" / "tokenizer.json").read_bytes() == (_v2_dir() / "tokenizer.json").read_bytes()
     config = json.loads((tmp_path / "copied" / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert config["bos_token"] == "<｜begin▁of▁sentence｜>" and config["eos_token"] == "<｜end▁of▁sentence｜>"
+    assert (config["bos_token"], config["eos_token"]) == (BOS_TOKEN, EOS_TOKEN)
+    # the GGUF says add_bos_token false, as the converter reads V2's post-processor; the copy keeps V2's true
+    assert _v2_metadata()["add_bos"] is False
     assert config["add_bos_token"] is True and config["chat_template"].startswith("{% if not add_generation_prompt")
     ours, theirs = DsTokenizer.from_dir(tmp_path / "copied"), DsTokenizer.from_dir(_v2_dir())
     messages = [{"role": "user", "content": SAMPLES[0]}]
@@ -390,7 +395,10 @@ def test_small_vocabulary_builds_a_bpe(tmp_path: Path) -> None:
     for text in SAMPLES + ["the quick brown fox 2024"]:
         assert built.encode(text, add_special_tokens=False).ids == original.encode(text, add_special_tokens=False).ids
     config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert config["bos_token"] == "<｜begin▁of▁sentence｜>" and built.token_to_id(config["bos_token"]) == 0
+    assert config["bos_token"] == BOS_TOKEN and built.token_to_id(BOS_TOKEN) == 0
+    assert config["add_bos_token"] is True  # train_bpe's post-processor adds the BOS
+    ours, theirs = DsTokenizer.from_dir(tmp_path / "out"), DsTokenizer.from_dir(tmp_path / "orig")
+    assert ours.encode("the fox") == theirs.encode("the fox") and ours.encode("the fox")[0] == 0  # BOS
 
 
 def test_no_tokenizer_writes_nothing(models: dict, tmp_path: Path) -> None:
@@ -408,3 +416,92 @@ def test_yarn_defaults(models: dict, tmp_path: Path) -> None:
     hf = read_config(_write(tmp_path / "m.gguf", cfg, sd, mla=False))
     assert hf["rope_scaling"] == {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,
                                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+# ---------------------------------------------------------------------------------------------- real llama.cpp
+LLAMA_CPP = os.environ.get("DSV2_LLAMA_CPP")  # a llama.cpp checkout (convert_hf_to_gguf.py at its root)
+LLAMA_CPP_PYTHON = os.environ.get("DSV2_LLAMA_CPP_PYTHON")  # a Python with the converter's deps (+ llama_cpp)
+_LLAMA_LOGITS = """
+import sys, numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+ids = [int(i) for i in sys.argv[3].split(",")]
+llm.eval(ids)
+np.save(sys.argv[2], np.array(llm.scores[: len(ids)], dtype=np.float32))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (LLAMA_CPP and LLAMA_CPP_PYTHON),
+                    reason="set DSV2_LLAMA_CPP and DSV2_LLAMA_CPP_PYTHON to check against llama.cpp itself")
+def test_real_llama_cpp_converter(tmp_path: Path) -> None:
+    """llama.cpp's own convert_hf_to_gguf.py on a dsv2 checkpoint: read back exactly, and (with llama_cpp
+    installed there) llama.cpp's logits for that file match dsv2's for what iter_tensors and read_config give.
+
+    Greedy routing without norm_topk_prob: llama.cpp scores expert groups as V3 does (sum of the top two, not
+    V2's max) and applies routed_scaling_factor after normalizing (V2 applies it only when not normalizing),
+    so only there do the two implementations compute the same function."""
+    cfg = V2_LIKE.replace(topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False)
+    hf = tmp_path / "hf"
+    checkpoint.save(randomize_(Transformer(cfg), seed=5, std=0.06), hf)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SAMPLES * 20), encoding="utf-8")
+    train_bpe([corpus], vocab_size=400, out_dir=hf, show_progress=False)
+    path = tmp_path / "llama.gguf"
+    subprocess.run([LLAMA_CPP_PYTHON, str(Path(LLAMA_CPP) / "convert_hf_to_gguf.py"), str(hf), "--outfile",
+                    str(path), "--outtype", "f32"], check=True, capture_output=True)
+    sd = load_file(hf / "model.safetensors")
+    got = dict(iter_tensors(path))
+    assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    assert _core(ModelConfig.from_hf(read_config(path))) == _core(cfg)
+    assert write_tokenizer(path, tmp_path / "tok")
+    original, built = (HFTokenizer.from_file(str(d / "tokenizer.json")) for d in (hf, tmp_path / "tok"))
+    for text in SAMPLES:
+        assert built.encode(text, add_special_tokens=False).ids == original.encode(text, add_special_tokens=False).ids
+    has_llama = subprocess.run([LLAMA_CPP_PYTHON, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    if not has_llama:
+        return
+    ids = [0, 17, 99, 250, 7, 7, 380, 1, 64, 128, 300, 2, 55, 90, 12, 13]
+    subprocess.run([LLAMA_CPP_PYTHON, "-c", _LLAMA_LOGITS, str(path), str(tmp_path / "logits.npy"),
+                    ",".join(map(str, ids))], check=True, capture_output=True)
+    theirs = torch.from_numpy(np.load(tmp_path / "logits.npy"))
+    model = checkpoint.load(_to_checkpoint(path, tmp_path / "ckpt"), dtype=torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].float()
+    print(f"llama.cpp vs dsv2 logits: relative error {relative_error(ours, theirs):.2e}")
+    assert relative_error(ours, theirs) < 2e-3
+
+
+# ---------------------------------------------------------------------------------------------- into dsv2
+def test_load_engine_and_convert_read_a_gguf(models: dict, tmp_path: Path) -> None:
+    from dsv2 import cli
+    from dsv2.infer import LLM, SamplingParams
+    from dsv2.kernels import quant
+
+    cfg, sd = models["lite"]
+    # dense: a F32 GGUF loads to exactly the model it was written from
+    f32 = _write(tmp_path / "f32.gguf", cfg, sd)
+    reference = randomize_(Transformer(cfg), seed=SEEDS["lite"]).eval()
+    assert torch.equal(_logits(checkpoint.load(f32, dtype=torch.float32)), _logits(reference))
+    # quantized: the engine picks int8 for a Q8_0 file, takes the tokenizer from its metadata and generates
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog 2024\n" * 40, encoding="utf-8")
+    train_bpe([corpus], vocab_size=400, out_dir=tmp_path / "tok", show_progress=False)
+    tok_config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    meta = tokenizer_metadata(tmp_path / "tok" / "tokenizer.json", tok_config, vocab_size=cfg.vocab_size)
+    q8 = _write(tmp_path / "q8.gguf", cfg, sd, qtype=Q.Q8_0, tokenizer=meta)
+    llm = LLM(q8, max_cache_tokens=256)
+    assert isinstance(llm.model.head, quant.QuantLinear) and isinstance(llm.model.head.qweight, quant.Int8Weight)
+    assert llm.tokenizer is not None and llm.tokenizer.encode("the fox") == DsTokenizer.from_dir(
+        tmp_path / "tok").encode("the fox")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    tokens = llm.generate(["the quick fox"], params)[0].outputs[0].token_ids
+    assert len(tokens) == 5
+    # convert writes what the engine read: the same tokens from the directory, with no flag
+    assert cli.main(["convert", str(q8), str(tmp_path / "conv")]) == 0
+    written = json.loads((tmp_path / "conv" / "config.json").read_text())
+    assert written["quantization_config"]["method"] == "int8"
+    assert (tmp_path / "conv" / "tokenizer.json").is_file()
+    again = LLM(tmp_path / "conv", max_cache_tokens=256)
+    assert again.generate(["the quick fox"], params)[0].outputs[0].token_ids == tokens
+    assert cli.main(["convert", str(tmp_path / "corpus.txt"), str(tmp_path / "x")]) == 2  # not a GGUF

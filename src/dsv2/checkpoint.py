@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from dsv2 import gguf
 from dsv2.config import ModelConfig
 from dsv2.kernels import quant
 from dsv2.kernels.quant import Scheme
@@ -126,9 +127,7 @@ def load(
     `quantization_config` in config.json) loads quantized, in its own scheme.
     """
     root = Path(path)
-    if not (root / "config.json").is_file():
-        raise FileNotFoundError(f"{root}: no config.json (expected a Hugging Face checkpoint directory)")
-    raw = json.loads((root / "config.json").read_text())
+    raw = read_config(root)
     cfg = ModelConfig.from_hf(raw)
     stored = _stored_scheme(root, raw)
     scheme = quant.resolve(quantization)
@@ -136,7 +135,6 @@ def load(
         raise CheckpointError(f"{root} holds {stored.method} weights ({stored}); they cannot be requantized to "
                               f"{scheme} -- load the original checkpoint for that")
     scheme = scheme or stored
-    files = _weight_files(root)
     with torch.device("meta"):
         model = Transformer(cfg)
     target = dtype or getattr(torch, cfg.torch_dtype, None)
@@ -144,13 +142,47 @@ def load(
         raise CheckpointError(f"{root}: config.json torch_dtype {cfg.torch_dtype!r} is not a torch dtype; pass dtype=")
     model = model.to(target)
     loader = _Loader(model, cfg, scheme, stored is not None, device)
-    for file in files:
-        with _open(file) as f:
-            for name in f.keys():
-                loader.take(name, file, f)
+    for tensor in _tensors(root, target):
+        loader.take(tensor)
     loader.finish(root)
     model.rotary.inv_freq = model.rotary.inv_freq.to(device)
     return model.eval()
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The HF config.json dict of a checkpoint directory, or rebuilt from a GGUF file's metadata."""
+    root = Path(path)
+    if root.is_file() and gguf.is_gguf(root):
+        return gguf.read_config(root)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root}: no config.json (expected a Hugging Face checkpoint directory or a "
+                                ".gguf file)")
+    try:
+        return json.loads((root / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{root}/config.json: not valid JSON ({e})") from e
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str  # the official name (with a `_scale` / `_zero` suffix in a quantized checkpoint)
+    origin: str  # the file it comes from, for messages
+    shape: tuple[int, ...]
+    get: Callable[[], torch.Tensor]
+
+
+def _tensors(root: Path, dtype: torch.dtype) -> Iterator[_Tensor]:
+    """Every tensor of a checkpoint, one at a time: from its safetensors memory maps, or dequantized from a GGUF
+    (into `dtype`)."""
+    if root.is_file():
+        for name, t in gguf.iter_tensors(root, dtype=dtype):
+            yield _Tensor(name, root.name, tuple(t.shape), lambda t=t: t)
+        return
+    for file in _weight_files(root):
+        with _open(file) as f:
+            for name in f.keys():
+                yield _Tensor(name, file.name, tuple(f.get_slice(name).get_shape()),
+                              lambda f=f, name=name, file=file: _get(f, name, file))
 
 
 def planned_weight_bytes(path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -159,7 +191,7 @@ def planned_weight_bytes(path: str | os.PathLike, dtype: torch.dtype | None = No
     arguments, from config.json alone. Quantizing as it loads holds a parameter dense until its last tensor
     arrives: the peak adds the largest such parameter (one layer's expert stack)."""
     root = Path(path)
-    raw = json.loads((root / "config.json").read_text())
+    raw = read_config(root)
     cfg = ModelConfig.from_hf(raw)
     stored = _stored_scheme(root, raw)
     scheme = quant.resolve(quantization) or stored
@@ -219,13 +251,14 @@ class _Loader:
     def _module_of(param: str) -> str:
         return param.rpartition(".")[0]
 
-    def take(self, name: str, file: Path, f) -> None:  # noqa: ANN001 (safetensors' handle type is private)
+    def take(self, t: _Tensor) -> None:
+        name = t.name
         suffix = next((s for s in quant.PART_SUFFIXES[1:] if name.endswith(s)), "") if self.stored else ""
         base = name[: len(name) - len(suffix)] if suffix else name
         entry = self.table.get(base)
         if entry is None:
             # transformers writes n_shared_experts=0 as zero-width shared-expert tensors
-            if 0 not in f.get_slice(name).get_shape():
+            if 0 not in t.shape:
                 self.unexpected.append(name)
             return
         module = self._module_of(entry.param)
@@ -247,18 +280,18 @@ class _Loader:
                 parts[suffix] = torch.empty(shape, dtype=dtype, device=self.device)
             dest = parts[suffix]
         view = _target(dest, entry, self.cfg)
-        tensor = _get(f, name, file)
-        if tuple(tensor.shape) != tuple(view.shape):
+        if t.shape != tuple(view.shape):
             raise CheckpointError(
-                f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{t.origin}: tensor {name!r} has shape {t.shape} but config.json implies "
                 f"{tuple(view.shape)}; the weights contradict the config")
+        tensor = t.get()
         if quantized_here and tensor.dtype != dtype:
-            raise CheckpointError(f"{file.name}: tensor {name!r} is {tensor.dtype}, a {scheme.method} checkpoint "
+            raise CheckpointError(f"{t.origin}: tensor {name!r} is {tensor.dtype}, a {scheme.method} checkpoint "
                                   f"stores {dtype} there")
         with torch.no_grad():
             view.copy_(tensor)
         if name in self.filled:
-            raise CheckpointError(f"{file.name}: tensor {name!r} appears twice in the checkpoint")
+            raise CheckpointError(f"{t.origin}: tensor {name!r} appears twice in the checkpoint")
         self.filled.add(name)
         if scheme is not None:
             self.remaining[entry.param] -= 1
@@ -395,77 +428,80 @@ def _parse_size(size: int | str) -> int:
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
-def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, quantization: str | Scheme,
-                        max_shard_size: int | str = "2GB", progress: bool = False) -> None:
-    """Write `src` with its projections and experts quantized (the portable form of dsv2.kernels.quant), under
-    the official tensor names with `_scale` (and `_zero`) beside each quantized matrix, and the scheme as
-    config.json's `quantization_config`; `load(out)` reads it without the original. Tensors stream one at a time,
-    so memory stays near one shard."""
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, quantization: str | Scheme | None,
+                        max_shard_size: int | str = "2GB", progress: bool = False,
+                        dtype: torch.dtype | None = None) -> None:
+    """Write `src` (a checkpoint directory or a GGUF file) to `out` in the official layout, with its projections
+    and experts quantized (the portable form of dsv2.kernels.quant) unless quantization is None: under the
+    official tensor names with `_scale` (and `_zero`) beside each quantized matrix, and the scheme as config.json's
+    `quantization_config`; `load(out)` reads it without the original. Tensors stream one at a time, so memory
+    stays near one shard. dtype: what unquantized tensors are written as (default: as stored; a GGUF's are
+    dequantized to its config's torch_dtype, bfloat16)."""
     root, dest = Path(src), Path(out)
-    if not (root / "config.json").is_file():
-        raise FileNotFoundError(f"{root}: no config.json (expected a Hugging Face checkpoint directory)")
-    raw = json.loads((root / "config.json").read_text())
+    raw = read_config(root)
     if "quantization_config" in raw:
         raise CheckpointError(f"{root} is already quantized ({raw['quantization_config']}); quantize the original")
     scheme = quant.resolve(quantization)
     cfg = ModelConfig.from_hf(raw)
     with torch.device("meta"):
         model = Transformer(cfg)
-    targets = quant.targets(model, scheme)
+    targets = quant.targets(model, scheme) if scheme is not None else {}
     table = {e.hf_name: e for e in layout(cfg)}
-    files = _weight_files(root)
     dest.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}
     size = 0
     filled: set[str] = set()
     unexpected: list[str] = []
-    names_written: list[list[str]] = []
+    written: list[list[str]] = []
 
     def flush() -> None:
-        nonlocal size
-        tensors = shards[-1]
-        if tensors:
-            name = f"part-{len(names_written) + 1:05d}.safetensors"
-            save_file(tensors, dest / name, metadata={"format": "pt"})
-            names_written.append(list(tensors))
-        shards[-1], size = {}, 0
+        nonlocal shard, size
+        if shard:
+            save_file(shard, dest / f"part-{len(written) + 1:05d}.safetensors", metadata={"format": "pt"})
+            written.append(list(shard))
+        shard, size = {}, 0
 
-    bar = tqdm(total=len(table), unit="tensor", desc="quantizing", disable=not progress)
-    for file in files:
-        with _open(file) as f:
-            for name in f.keys():
-                entry = table.get(name)
-                if entry is None:
-                    if 0 not in f.get_slice(name).get_shape():
-                        unexpected.append(name)
-                    continue
-                tensor = _get(f, name, file)
-                s = targets.get(entry.param.rpartition(".")[0])
-                parts = {"": tensor} if s is None else {
-                    suffix: t for suffix, t in quant.quantize(tensor, s).parts().items()}
-                for suffix, t in parts.items():
-                    if shards[-1] and size + t.nbytes > limit:
-                        flush()
-                    shards[-1][name + suffix] = t.contiguous()
-                    size += t.nbytes
-                filled.add(name)
-                bar.update()
+    source_dtype = dtype or getattr(torch, cfg.torch_dtype, torch.bfloat16)
+    bar = tqdm(total=len(table), unit="tensor", desc="converting" if scheme is None else "quantizing",
+               disable=not progress)
+    for t in _tensors(root, source_dtype):
+        entry = table.get(t.name)
+        if entry is None:
+            if 0 not in t.shape:
+                unexpected.append(t.name)
+            continue
+        tensor = t.get()
+        s = targets.get(entry.param.rpartition(".")[0])
+        parts = {"": tensor if dtype is None else tensor.to(dtype)} if s is None else \
+            quant.quantize(tensor, s).parts()
+        for suffix, part in parts.items():
+            if shard and size + part.nbytes > limit:
+                flush()
+            shard[t.name + suffix] = part.contiguous()
+            size += part.nbytes
+        filled.add(t.name)
+        bar.update()
     flush()
     bar.close()
     _check_complete(root, list(table), filled, unexpected)
-    n = len(names_written)
     weight_map, total = {}, 0
-    for i, names in enumerate(names_written, start=1):
-        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+    for i, names in enumerate(written, start=1):
+        final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
         os.replace(dest / f"part-{i:05d}.safetensors", dest / final)
         os.chmod(dest / final, 0o666 & ~_umask())
         weight_map.update(dict.fromkeys(names, final))
         total += (dest / final).stat().st_size
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dest / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    raw["quantization_config"] = scheme.to_config()
+    if scheme is not None:
+        raw["quantization_config"] = scheme.to_config()
+    if dtype is not None:
+        raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     (dest / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    if root.is_file():
+        gguf.write_tokenizer(root, dest)
+        return
     for side in _SIDE_FILES:
         if (root / side).is_file() and root.resolve() != dest.resolve():
             shutil.copyfile(root / side, dest / side)

@@ -16,6 +16,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group as well as a scale")
     q.add_argument("--max-shard-size", default="2GB")
     q.set_defaults(func=run_quantize)
+    c = sub.add_parser("convert", help="a llama.cpp GGUF -> a checkpoint directory (official layout, tokenizer)")
+    c.add_argument("gguf", help="MODEL.gguf (the first file of a split GGUF)")
+    c.add_argument("out", help="output directory")
+    c.add_argument("--quantization", choices=(*METHODS, "none"), default=None,
+                   help="requantize into dsv2's int8 or int4, or 'none' for dense bfloat16 weights (default: int8 "
+                        "for 5- to 8-bit files, int4 for 4 bits and below, dense for float files)")
+    c.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="int4: inputs per scale")
+    c.add_argument("--max-shard-size", default="2GB")
+    c.set_defaults(func=run_convert)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -27,4 +36,23 @@ def run_quantize(args: argparse.Namespace) -> int:
     scheme = Scheme(args.method, args.group_size, not args.asymmetric)
     quantize_checkpoint(args.src, args.out, scheme, max_shard_size=args.max_shard_size, progress=True)
     print(f"wrote {args.out} ({args.method})")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dsv2 import gguf
+    from dsv2.checkpoint import quantize_checkpoint
+    from dsv2.kernels.quant import Scheme
+
+    path = Path(args.gguf)
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such file", str(path))
+    if not gguf.is_gguf(path):
+        raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    method = args.quantization or gguf.suggested_quantization(path) or "none"
+    scheme = None if method == "none" else Scheme(method, args.group_size)
+    quantize_checkpoint(path, args.out, scheme, max_shard_size=args.max_shard_size, progress=True)
+    print(f"wrote {args.out} ({method})")
     return 0

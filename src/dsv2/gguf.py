@@ -94,7 +94,7 @@ class _File:
         first = _read(self.path)
         self.fields = first.reader.fields
         self.shards = [first]
-        count = self.int(_SPLIT_COUNT, 1)
+        count = self.get_int(_SPLIT_COUNT, 1)
         if count > 1:
             self.shards = self._all_shards(first, count)
         self.stamps = [_stamp(shard.path) for shard in self.shards]
@@ -107,7 +107,7 @@ class _File:
 
     def _all_shards(self, first: _Shard, count: int) -> list[_Shard]:
         m = _SHARD_NAME.match(self.path.name)
-        if m is None or self.int(_SPLIT_NO, 0) != 0:
+        if m is None or self.get_int(_SPLIT_NO, 0) != 0:
             raise GGUFError(f"{self.path}: one shard of a {count}-file split GGUF; pass the first shard, "
                             f"named like <name>-00001-of-{count:05d}.gguf")
         shards = [first]
@@ -126,7 +126,8 @@ class _File:
     def has(self, key: str) -> bool:
         return key.format(arch=ARCH) in self.fields
 
-    def value(self, key: str, default: Any = ...) -> Any:  # noqa: ANN401 (GGUF values are of any scalar type)
+    def get(self, key: str, default: Any = ...) -> Any:  # noqa: ANN401 (GGUF values are of any scalar type)
+        """The value of `key` ("{arch}" filled in); without a default, a missing key is a GGUFError."""
         name = key.format(arch=ARCH)
         field = self.fields.get(name)
         if field is None:
@@ -138,22 +139,22 @@ class _File:
             value = _shortest_f32(value)
         return value
 
-    def int(self, key: str, default: Any = ...) -> Any:  # noqa: ANN401
-        value = self.value(key, default)
+    def get_int(self, key: str, default: Any = ...) -> Any:  # noqa: ANN401
+        if default is not ... and not self.has(key):
+            return default
+        name, value = key.format(arch=ARCH), self.get(key)
         if isinstance(value, list):
             # llama.cpp allows per-layer arrays for some lengths; DeepSeek-V2 has one value for all layers
             if len(set(value)) != 1:
-                raise GGUFError(f"{self.path}: metadata key {key.format(arch=ARCH)!r} varies per layer ({value[:8]}...);"
-                                " DeepSeek-V2 has a single value")
+                raise GGUFError(f"{self.path}: metadata key {name!r} varies per layer ({value[:8]}...); "
+                                "DeepSeek-V2 has one value for all layers")
             value = value[0]
-        if value is None or value is default:
-            return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise GGUFError(f"{self.path}: metadata key {key.format(arch=ARCH)!r} should be an integer, got {value!r}")
+            raise GGUFError(f"{self.path}: metadata key {name!r} should be an integer, got {value!r}")
         return value
 
-    def float(self, key: str, default: Any = ...) -> Any:  # noqa: ANN401
-        value = self.value(key, default)
+    def get_float(self, key: str, default: Any = ...) -> Any:  # noqa: ANN401
+        value = self.get(key, default)
         return value if value is None else float(value)
 
 
@@ -210,7 +211,7 @@ def _open(path: PathLike) -> _File:
     if file.stamps != [_stamp(shard.path) for shard in file.shards]:  # another shard changed since
         _cached_file.cache_clear()
         file = _cached_file(p, _stamp(p))
-    arch = file.value(Keys.General.ARCHITECTURE, None)
+    arch = file.get(Keys.General.ARCHITECTURE, None)
     if arch != ARCH:
         raise GGUFError(f"{file.path}: architecture {arch!r}, not {ARCH!r} (llama.cpp's name for DeepSeek-V2)")
     return file
@@ -224,37 +225,37 @@ def read_config(path: PathLike) -> dict[str, Any]:
 
 def _hf_config(f: _File) -> dict[str, Any]:
     L, A, R, T = Keys.LLM, Keys.Attention, Keys.Rope, Keys.Tokenizer
-    n_head = f.int(A.HEAD_COUNT)
-    rope_dim = f.int(R.DIMENSION_COUNT)
+    n_head = f.get_int(A.HEAD_COUNT)
+    rope_dim = f.get_int(R.DIMENSION_COUNT)
     if f.has(A.KEY_LENGTH_MLA):
         # MLA layout: key_length/value_length describe the latent MQA view (kv_lora_rank + rope, kv_lora_rank)
-        qk_head_dim, v_head_dim = f.int(A.KEY_LENGTH_MLA), f.int(A.VALUE_LENGTH_MLA)
+        qk_head_dim, v_head_dim = f.get_int(A.KEY_LENGTH_MLA), f.get_int(A.VALUE_LENGTH_MLA)
     else:
-        qk_head_dim, v_head_dim = f.int(A.KEY_LENGTH), f.int(A.VALUE_LENGTH)
+        qk_head_dim, v_head_dim = f.get_int(A.KEY_LENGTH), f.get_int(A.VALUE_LENGTH)
     if qk_head_dim <= rope_dim:
         raise GGUFError(f"{f.path}: key length {qk_head_dim} leaves no room for qk_nope_head_dim next to "
                         f"rope dimension {rope_dim}")
 
-    n_expert = f.int(L.EXPERT_COUNT, 0)
-    gating = f.int(L.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))
+    n_expert = f.get_int(L.EXPERT_COUNT, 0)
+    gating = f.get_int(L.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))
     if gating != gguf.ExpertGatingFuncType.SOFTMAX:
         name = gguf.ExpertGatingFuncType(gating).name if gating in set(gguf.ExpertGatingFuncType) else gating
         raise GGUFError(f"{f.path}: expert gating function {name} is not DeepSeek-V2's softmax (sigmoid gating "
                         "with exp_probs_b is DeepSeek-V3's router)")
-    n_group = f.int(L.EXPERT_GROUP_COUNT, None)
-    topk_group = f.int(L.EXPERT_GROUP_USED_COUNT, None)
+    n_group = f.get_int(L.EXPERT_GROUP_COUNT, None)
+    topk_group = f.get_int(L.EXPERT_GROUP_USED_COUNT, None)
 
     rope_scaling = None
-    scaling_type = f.value(R.SCALING_TYPE, "none")
+    scaling_type = f.get(R.SCALING_TYPE, "none")
     if scaling_type == "yarn":
         # the converter writes 0.1 * mscale_all_dim ([TAG_DEEPSEEK2_YARN_LOG_MUL_FIX] in llama.cpp)
-        mscale_all_dim = _shortest_f32(f.float(R.SCALING_YARN_LOG_MUL, 0.0) / 0.1)
+        mscale_all_dim = _shortest_f32(f.get_float(R.SCALING_YARN_LOG_MUL, 0.0) / 0.1)
         rope_scaling = {
             "type": "yarn",
-            "factor": f.float(R.SCALING_FACTOR),
-            "original_max_position_embeddings": f.int(R.SCALING_ORIG_CTX_LEN),
-            "beta_fast": f.float(R.SCALING_YARN_BETA_FAST, 32.0),
-            "beta_slow": f.float(R.SCALING_YARN_BETA_SLOW, 1.0),
+            "factor": f.get_float(R.SCALING_FACTOR),
+            "original_max_position_embeddings": f.get_int(R.SCALING_ORIG_CTX_LEN),
+            "beta_fast": f.get_float(R.SCALING_YARN_BETA_FAST, 32.0),
+            "beta_slow": f.get_float(R.SCALING_YARN_BETA_SLOW, 1.0),
             # not stored; every official V2 config has mscale == mscale_all_dim
             "mscale": mscale_all_dim,
             "mscale_all_dim": mscale_all_dim,
@@ -266,35 +267,36 @@ def _hf_config(f: _File) -> dict[str, Any]:
         "architectures": ["DeepseekV2ForCausalLM"],
         "model_type": "deepseek_v2",
         "vocab_size": _vocab_size(f),
-        "hidden_size": f.int(L.EMBEDDING_LENGTH),
-        "intermediate_size": f.int(L.FEED_FORWARD_LENGTH),
-        "moe_intermediate_size": f.int(L.EXPERT_FEED_FORWARD_LENGTH) if n_expert else None,
-        "num_hidden_layers": f.int(L.BLOCK_COUNT),
+        "hidden_size": f.get_int(L.EMBEDDING_LENGTH),
+        "intermediate_size": f.get_int(L.FEED_FORWARD_LENGTH),
+        "moe_intermediate_size": f.get_int(L.EXPERT_FEED_FORWARD_LENGTH) if n_expert else None,
+        "num_hidden_layers": f.get_int(L.BLOCK_COUNT),
         "num_attention_heads": n_head,
         # llama.cpp's converter writes 1 (MLA as MQA over the latent); the HF config counts every head
         "num_key_value_heads": n_head,
-        "n_shared_experts": f.int(L.EXPERT_SHARED_COUNT, 0),
+        "n_shared_experts": f.get_int(L.EXPERT_SHARED_COUNT, 0),
         "n_routed_experts": n_expert or None,  # None: every layer dense (deepseek2 GGUFs of dense models exist)
-        "num_experts_per_tok": f.int(L.EXPERT_USED_COUNT) if n_expert else None,
-        "routed_scaling_factor": f.float(L.EXPERT_WEIGHTS_SCALE, 1.0),
-        "norm_topk_prob": bool(f.value(L.EXPERT_WEIGHTS_NORM, False)),
+        "num_experts_per_tok": f.get_int(L.EXPERT_USED_COUNT) if n_expert else None,
+        "routed_scaling_factor": f.get_float(L.EXPERT_WEIGHTS_SCALE, 1.0),
+        "norm_topk_prob": bool(f.get(L.EXPERT_WEIGHTS_NORM, False)),
         "scoring_func": "softmax",
+        # files from before the expert_group_count key: greedy, as llama.cpp itself then ran every V2
         "topk_method": "group_limited_greedy" if (n_group or 1) > 1 else "greedy",
-        "first_k_dense_replace": f.int(L.LEADING_DENSE_BLOCK_COUNT, 0),
+        "first_k_dense_replace": f.get_int(L.LEADING_DENSE_BLOCK_COUNT, 0),
         "moe_layer_freq": 1,
-        "q_lora_rank": f.int(A.Q_LORA_RANK, None),
-        "kv_lora_rank": f.int(A.KV_LORA_RANK),
+        "q_lora_rank": f.get_int(A.Q_LORA_RANK, None),
+        "kv_lora_rank": f.get_int(A.KV_LORA_RANK),
         "qk_nope_head_dim": qk_head_dim - rope_dim,
         "qk_rope_head_dim": rope_dim,
         "v_head_dim": v_head_dim,
         "hidden_act": "silu",
-        "rope_theta": f.float(R.FREQ_BASE, 10000.0),
+        "rope_theta": f.get_float(R.FREQ_BASE, 10000.0),
         "rope_scaling": rope_scaling,
-        "max_position_embeddings": f.int(L.CONTEXT_LENGTH),
-        "rms_norm_eps": f.float(A.LAYERNORM_RMS_EPS),
+        "max_position_embeddings": f.get_int(L.CONTEXT_LENGTH),
+        "rms_norm_eps": f.get_float(A.LAYERNORM_RMS_EPS),
         "attention_bias": False,
-        "bos_token_id": f.int(T.BOS_ID, None),
-        "eos_token_id": f.int(T.EOS_ID, None),
+        "bos_token_id": f.get_int(T.BOS_ID, None),
+        "eos_token_id": f.get_int(T.EOS_ID, None),
         # A GGUF without output.weight was converted from a tied checkpoint; iter_tensors then yields lm_head as
         # a copy of the embedding, so the tensors always form an untied checkpoint (the only kind V2 has).
         "tie_word_embeddings": False,
@@ -309,10 +311,10 @@ def _hf_config(f: _File) -> dict[str, Any]:
 
 def _vocab_size(f: _File) -> int:
     if f.has(Keys.LLM.VOCAB_SIZE):
-        return f.int(Keys.LLM.VOCAB_SIZE)
+        return f.get_int(Keys.LLM.VOCAB_SIZE)
     if f.has(Keys.Tokenizer.LIST):
         return len(f.fields[Keys.Tokenizer.LIST].data)
-    embd = f.tensors.get(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
+    embd = f.tensors.get(_TOKEN_EMBD)
     if embd is None:
         raise GGUFError(f"{f.path}: no vocab_size, token list or token_embd.weight to size the vocabulary")
     return int(embd[0].shape[1])
@@ -325,10 +327,11 @@ def _blk(tensor: MODEL_TENSOR) -> str:
 
 
 _T = MODEL_TENSOR
+_TOKEN_EMBD, _OUTPUT_NORM, _OUTPUT = (TENSOR_NAMES[t] + ".weight" for t in (_T.TOKEN_EMBD, _T.OUTPUT_NORM, _T.OUTPUT))
 _GLOBAL_NAMES = {  # GGUF name -> HF name
-    TENSOR_NAMES[_T.TOKEN_EMBD] + ".weight": "model.embed_tokens.weight",
-    TENSOR_NAMES[_T.OUTPUT_NORM] + ".weight": "model.norm.weight",
-    TENSOR_NAMES[_T.OUTPUT] + ".weight": "lm_head.weight",
+    _TOKEN_EMBD: "model.embed_tokens.weight",
+    _OUTPUT_NORM: "model.norm.weight",
+    _OUTPUT: "lm_head.weight",
 }
 _LAYER_NAMES = {  # GGUF per-layer name -> HF name under model.layers.{i}.
     _blk(_T.ATTN_NORM): "input_layernorm",
@@ -373,7 +376,7 @@ def _ggml_shapes(cfg: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], list[
     H, V, nh = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
     nope, rope, vd = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     q_lora, kv_lora = cfg["q_lora_rank"], cfg["kv_lora_rank"]
-    glob = {"token_embd.weight": (H, V), "output_norm.weight": (H,), "output.weight": (H, V)}
+    glob = {_TOKEN_EMBD: (H, V), _OUTPUT_NORM: (H,), _OUTPUT: (H, V)}
     layers = []
     for i in range(cfg["num_hidden_layers"]):
         s: dict[str, tuple[int, ...]] = {
@@ -435,7 +438,7 @@ def _plan(f: _File, cfg: dict[str, Any]) -> list[_Planned]:
             raise GGUFError(f"{path}: tensor {name!r} has shape {got} (ggml order) but the metadata implies {want}")
         plan.append(entry)
 
-    missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in f.tensors]
+    missing = [n for n in (_TOKEN_EMBD, _OUTPUT_NORM) if n not in f.tensors]
     for i, (have, shapes) in enumerate(zip(seen, layer_shapes)):
         kv = {_KV_B} if _KV_B in have else {_K_B, _V_B}
         needed = set(shapes) - {_KV_B, _K_B, _V_B} | kv
@@ -475,9 +478,9 @@ def iter_tensors(path: PathLike, dtype: torch.dtype = torch.float32) -> Iterator
             continue  # consumed with attn_k_b
         else:
             yield prefix + _LAYER_NAMES[entry.part] + ".weight", _dequantize(f, entry.gguf_name, dtype)
-    if "output.weight" not in f.tensors:
+    if _OUTPUT not in f.tensors:
         # tied embeddings: llama.cpp itself falls back to token_embd for the output projection
-        yield "lm_head.weight", _dequantize(f, "token_embd.weight", dtype)
+        yield _GLOBAL_NAMES[_OUTPUT], _dequantize(f, _TOKEN_EMBD, dtype)
 
 
 def _dequantize(f: _File, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -530,24 +533,31 @@ def write_tokenizer(path: PathLike, out_dir: PathLike) -> bool:
     T = Keys.Tokenizer
     if not f.has(T.LIST):
         return False
-    model = f.value(T.MODEL, None)
+    model = f.get(T.MODEL, None)
     if model != "gpt2":
         raise GGUFError(f"{f.path}: tokenizer model {model!r} is not supported (DeepSeek-V2 uses byte-level BPE, "
                         "'gpt2' in GGUF)")
-    tokens: list[str] = f.value(T.LIST)
-    types: list[int] = f.value(T.TOKEN_TYPE, [int(TokenType.NORMAL)] * len(tokens))
-    merges: list[str] = f.value(T.MERGES, [])
+    tokens: list[str] = f.get(T.LIST)
+    types: list[int] = f.get(T.TOKEN_TYPE, [int(TokenType.NORMAL)] * len(tokens))
+    merges: list[str] = f.get(T.MERGES, [])
     if len(types) != len(tokens):
         raise GGUFError(f"{f.path}: {len(tokens)} tokens but {len(types)} token types")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    config = _tokenizer_config(f, tokens)
     v2 = _v2_tokenizer_file()
     if v2 is not None and _is_v2_vocab(v2, tokens, types, merges):
         shutil.copyfile(v2, out / "tokenizer.json")
+        # The converter derives add_bos_token from tokenizer.json's post-processor, which for V2 adds nothing
+        # (transformers' LlamaTokenizerFast adds the BOS), so current GGUFs of V2 say false; V2 wants its BOS.
+        original = json.loads((v2.parent / "tokenizer_config.json").read_text(encoding="utf-8"))
+        for key in ("add_bos_token", "add_eos_token"):
+            if key in original:
+                config[key] = original[key]
     else:
         _build_tokenizer(f, tokens, types, merges).save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(f, tokens), indent=2,
-                                                          ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
     return True
 
 
@@ -578,7 +588,7 @@ def _is_v2_vocab(v2: Path, tokens: list[str], types: list[int], merges: list[str
 def _build_tokenizer(f: _File, tokens: list[str], types: list[int], merges: list[str]) -> Any:  # noqa: ANN401
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    pre = f.value(Keys.Tokenizer.PRE, "default")
+    pre = f.get(Keys.Tokenizer.PRE, "default")
     if pre not in _PRE_REGEXES:
         raise GGUFError(f"{f.path}: pre-tokenizer {pre!r} is not supported; known: {sorted(_PRE_REGEXES)}")
     vocab: dict[str, int] = {}
@@ -618,14 +628,34 @@ def _tokenizer_config(f: _File, tokens: list[str]) -> dict[str, Any]:
     T = Keys.Tokenizer
     config: dict[str, Any] = {"tokenizer_class": "LlamaTokenizerFast", "clean_up_tokenization_spaces": False}
     for key, name in ((T.BOS_ID, "bos_token"), (T.EOS_ID, "eos_token"), (T.PAD_ID, "pad_token")):
-        token_id = f.int(key, None)
+        token_id = f.get_int(key, None)
         if token_id is not None:
             if not 0 <= token_id < len(tokens):
                 raise GGUFError(f"{f.path}: {key} = {token_id} is outside the {len(tokens)}-token vocabulary")
             config[name] = tokens[token_id]
     for key, name in ((T.ADD_BOS, "add_bos_token"), (T.ADD_EOS, "add_eos_token")):
         if f.has(key):
-            config[name] = bool(f.value(key))
+            config[name] = bool(f.get(key))
     if f.has(T.CHAT_TEMPLATE):
-        config["chat_template"] = f.value(T.CHAT_TEMPLATE)
+        config["chat_template"] = f.get(T.CHAT_TEMPLATE)
     return config
+
+
+# Bits per weight of the quantized types, for choosing what dsv2 format to requantize a GGUF into.
+_EIGHT_BIT = {_Q.Q8_0, _Q.Q6_K, _Q.Q5_0, _Q.Q5_1, _Q.Q5_K}
+_FOUR_BIT = {_Q.Q4_0, _Q.Q4_1, _Q.Q4_K, _Q.Q3_K, _Q.Q2_K}
+
+
+def suggested_quantization(path: PathLike) -> str | None:
+    """The dsv2 format a GGUF's weights fit best: None for float files (F32 / F16 / BF16), "int8" when most
+    matrix bytes are 5 to 8 bits (requantizing Q5/Q6 to 4 bits would add error on top of theirs), "int4" for
+    4 bits and below."""
+    f = _open(path)
+    by_kind = {"float": 0, "int8": 0, "int4": 0}
+    for t, _ in f.tensors.values():
+        if len(t.shape) < 2:
+            continue
+        kind = "int8" if t.tensor_type in _EIGHT_BIT else "int4" if t.tensor_type in _FOUR_BIT else "float"
+        by_kind[kind] += int(t.n_bytes)
+    kind = max(by_kind, key=by_kind.__getitem__)
+    return None if kind == "float" else kind

@@ -67,7 +67,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint directory (config.json, *.safetensors, tokenizer; default: the shipped dsv2-tiny)")
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer) or a llama.cpp .gguf file (default: "
+                        "the shipped dsv2-tiny)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-cache-tokens", type=positive_int, default=None)
@@ -127,9 +128,11 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def _load(args: argparse.Namespace) -> Any:  # noqa: ANN401
     model_dir = _model_dir(args)
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
-    if not (model_dir / "tokenizer.json").is_file():
+    if model_dir.is_file():
+        pass  # a GGUF file: the engine reads it (and says if it is not one), tokenizer included
+    elif not (model_dir / "config.json").is_file():
+        raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json) or a .gguf file")
+    elif not (model_dir / "tokenizer.json").is_file():
         raise SystemExit(f"error: {model_dir} has no tokenizer.json; generate and chat need the model's tokenizer "
                          "(copy tokenizer.json and tokenizer_config.json next to the weights)")
     from dsv2.infer import LLM

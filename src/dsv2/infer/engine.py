@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dsv2 import gguf
 from dsv2.checkpoint import load, planned_weight_bytes
 from dsv2.default_model import default_model_dir
 from dsv2.hardware import warn_if_bf16_is_slow
@@ -110,8 +112,9 @@ class LLM:
         gemm: str = "auto",
         quantization: str | None = None,
     ) -> None:
-        """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too), a built model, or
-        None for the model shipped in the package (dsv2-tiny).
+        """model: a checkpoint directory (config.json + safetensors, usually a tokenizer too), a llama.cpp GGUF
+        file (dsv2.gguf; requantized to int8 or int4 as its types suggest unless quantization says otherwise, with
+        the tokenizer from its metadata), a built model, or None for the model shipped in the package (dsv2-tiny).
         dtype: weights and activations (default: the checkpoint's torch_dtype). cache_dtype: the model
         dtype (default) or "fp8" (e4m3 with per-token scales). The cache holds max_cache_tokens tokens, or
         as many as cache_memory_fraction of the free memory allows. max_model_len: the longest sequence
@@ -138,10 +141,17 @@ class LLM:
                 quant.quantize_(self.model, scheme)
         else:
             path = Path(model) if model is not None else default_model_dir()
-            self.generation_defaults = generation_defaults(path)
+            from_gguf = path.is_file() and gguf.is_gguf(path)
+            if from_gguf and scheme is None:
+                # the format nearest the file's own: what its users chose it for (Q8_0 -> int8, Q4_K -> int4)
+                scheme = quant.resolve(gguf.suggested_quantization(path))
+            else:
+                self.generation_defaults = generation_defaults(path)
             _check_fits(path, _dtype(dtype), scheme, self.device)
             self.model = load(path, dtype=_dtype(dtype), device=self.device, quantization=scheme)
-            if tokenizer is None and (path / "tokenizer.json").is_file():
+            if tokenizer is None and from_gguf:
+                tokenizer = _gguf_tokenizer(path)
+            elif tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = path
         quantized = any(isinstance(m, quant.QuantLinear | quant.QuantExperts) for m in self.model.modules())
         if quantized and compile:
@@ -425,10 +435,16 @@ def _hold_back(text: str, stops: Sequence[str]) -> str:
     return text[: len(text) - hold]
 
 
+def _gguf_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer a GGUF carries in its metadata (None if it has none)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return Tokenizer.from_dir(tmp) if gguf.write_tokenizer(path, tmp) else None
+
+
 def _check_fits(path: Path, dtype: torch.dtype | None, scheme: quant.Scheme | None, device: torch.device) -> None:
     """Refuse, before loading, a checkpoint whose weights cannot fit in free memory (rather than be killed by
     the kernel halfway through)."""
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not path.is_file():
         return  # load() says what is wrong
     need, peak, what = planned_weight_bytes(path, dtype, scheme)
     free = available_memory(device)

@@ -16,7 +16,8 @@ from dsv2.infer.commands import DTYPES, add_compile_arg, number, positive_int
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API under /v1")
     p.add_argument("--model", default=None,
-                   help="checkpoint directory (config.json, *.safetensors, tokenizer; default: the shipped dsv2-tiny)")
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer) or a llama.cpp .gguf file "
+                        "(default: the shipped dsv2-tiny)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
@@ -45,8 +46,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from dsv2.serve import ServerConfig, create_app
 
     model_dir = Path(args.model) if args.model else default_model_dir()
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
+    if not model_dir.is_file() and not (model_dir / "config.json").is_file():
+        raise SystemExit(f"error: {model_dir} is not a checkpoint directory (no config.json) or a .gguf file")
     _log_to_stderr()
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
               max_model_len=args.max_model_len, cache_dtype=args.cache_dtype, max_num_seqs=args.max_concurrent, compile=args.compile,
@@ -54,7 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.compile:
         print("dsv2: compiling the decode graphs (once, before serving)...", flush=True)
         llm.warm_up()
-    names = args.served_model_name or [model_dir.resolve().name]
+    names = args.served_model_name or [model_dir.resolve().stem if model_dir.is_file() else model_dir.resolve().name]
     config = ServerConfig(names, api_key=args.api_key or os.environ.get("DSV2_API_KEY") or None,
                           max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                           log_requests=not args.disable_log_requests)

@@ -63,8 +63,7 @@ def main() -> None:
         t0 = time.perf_counter()
         qt = quant.quantize(stack, scheme)
         t1 = time.perf_counter()
-        for e in quant._expert_slices(qt):
-            quant.runtime_weight(e, scheme)
+        quant.runtime_weights(qt, scheme)
         t2 = time.perf_counter()
         print(f"{scheme.method}: quantize {stack.numel() / (t1 - t0) / 1e9:.2f} G weights/s, "
               f"to the kernel's layout {stack.numel() / (t2 - t1) / 1e9:.2f} G weights/s")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dsv2 import gguf
 from dsv2.config import ModelConfig
+from dsv2.hardware import release_freed_memory
 from dsv2.kernels import quant
 from dsv2.kernels.quant import Scheme
 from dsv2.model import Transformer
@@ -145,6 +146,8 @@ def load(
     for tensor in _tensors(root, target):
         loader.take(tensor)
     loader.finish(root)
+    if scheme is not None:
+        release_freed_memory()  # the staging's freed pages, so that resident memory is the weights
     model.rotary.inv_freq = model.rotary.inv_freq.to(device)
     return model.eval()
 

@@ -123,8 +123,9 @@ def part_dtypes(scheme: Scheme) -> dict[str, torch.dtype]:
             "_zero": torch.float32}
 
 
-# Rows quantized at a time: bounds the fp32 temporaries to ~64 MB whatever the matrix.
-_CHUNK_ELEMENTS = 1 << 24
+# Weights quantized at a time: fp32 temporaries of 1 MB stay in the cache and in glibc's heap. Chunks of 64 MB
+# were several times slower: every temporary was a fresh mmap whose pages faulted in one by one.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def quantize(w: torch.Tensor, scheme: Scheme) -> QuantizedTensor:
@@ -136,30 +137,30 @@ def quantize(w: torch.Tensor, scheme: Scheme) -> QuantizedTensor:
     step = max(1, _CHUNK_ELEMENTS // k)
     for r in range(0, flat.shape[0], step):
         rows = slice(r, r + step)
-        for s, t in _quantize_rows(flat[rows].float(), scheme).items():
+        for s, t in _quantize_rows(flat[rows].to(torch.float32, copy=True), scheme).items():
             out[s][rows] = t
     full = {s: t.view(*lead, n, *t.shape[1:]) for s, t in out.items()}
     return QuantizedTensor(full[""], full["_scale"], full.get("_zero"))
 
 
 def _quantize_rows(w: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """w: an fp32 (rows, K) scratch copy, overwritten."""
     if scheme.method == "int8":
         scale = w.abs().amax(dim=-1) / 127
-        q = (w / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round_().clamp_(-127, 127)
+        q = w.div_(scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round_().clamp_(-127, 127)
         return {"": q.to(torch.int8), "_scale": scale}
     n, k = w.shape
     g = w.view(n, k // scheme.group_size, scheme.group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     if scheme.symmetric:
         # The signed value of largest magnitude becomes -8 (llama.cpp's Q4_0 rule), so both ends of the range
         # are used; a scale of 0 (an all-zero group) would divide by zero, so such groups get 1 (any value works).
-        extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True))[..., 0]
-        scale = extreme / -8
-        q = (g / torch.where(scale == 0, 1.0, scale)[..., None]).round_().add_(8).clamp_(0, 15)
+        scale = torch.where(hi >= -lo, hi, lo) / -8
+        q = g.div_(torch.where(scale == 0, 1.0, scale)[..., None]).round_().add_(8).clamp_(0, 15)
         zero = None
     else:
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scale = (hi - lo) / 15
-        q = ((g - lo[..., None]) / torch.where(scale == 0, 1.0, scale)[..., None]).round_().clamp_(0, 15)
+        q = g.sub_(lo[..., None]).div_(torch.where(scale == 0, 1.0, scale)[..., None]).round_().clamp_(0, 15)
         zero = lo + 8 * scale  # so that w = (q - 8) * scale + zero, torch's int4 convention
     q = q.to(torch.uint8).view(n, k)
     d = {"": q[:, 0::2] | (q[:, 1::2] << 4), "_scale": scale}
@@ -228,14 +229,11 @@ class Int8Weight(QuantWeight):
 class Int4Weight(QuantWeight):
     """Held only in torch's CPU int4 layout; dequantize reads that layout back (see `_int4_layout_known`)."""
 
-    def __init__(self, qt: QuantizedTensor, group_size: int) -> None:
-        n, half = qt.weight.shape
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
+        """packed: (N, K / 2) uint8 in torch's CPU layout; scales_zeros: (K / group, N, 2) bf16 (`int4_layout`)."""
+        n, half = packed.shape
         self.shape, self.group_size = (n, 2 * half), group_size
-        values = unpack_int4(qt.weight).to(torch.int32)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
-        zero = qt.zero if qt.zero is not None else torch.zeros_like(qt.scale)
-        # (K / group, N, 2): scale and zero per group and row, bf16 as the kernel wants them
-        self.scales_zeros = torch.stack([qt.scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.packed, self.scales_zeros = packed, scales_zeros
 
     def _kernel(self, x_bf16: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.packed, self.group_size, self.scales_zeros)
@@ -270,15 +268,42 @@ def _int4_layout_known() -> bool:
     return packed.shape == (_INT4_BLOCK_N * 2, 32) and torch.equal(packed.flatten(), expected.flatten())
 
 
+def int4_layout(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The portable int4 form of a matrix or a stack (..., N, K / 2) -> torch's CPU layout: packed (..., N, K / 2)
+    uint8 and scales_zeros (..., K / group, N, 2) bf16. A whole stack at once: its few large temporaries go back
+    to the OS when freed, where per-matrix ones left holes between the live weights (a load's peak memory grew by
+    more than the weights)."""
+    *lead, n, half = qt.weight.shape
+    values = unpack_int4(qt.weight)
+    if n % _INT4_BLOCK_N == 0 and _int4_layout_known():
+        # torch's layout written directly: its own converter ran at 0.07 G weights/s (benchmarks/quant.py)
+        v = values.view(*lead, n // _INT4_BLOCK_N, _INT4_BLOCK_N, 2 * half)
+        split = _INT4_BLOCK_N // 2
+        packed = (v[..., :split, :] | (v[..., split:, :] << 4)).transpose(-1, -2).contiguous().view(*lead, n, half)
+    else:
+        flat = values.reshape(-1, n, 2 * half).to(torch.int32)
+        packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m, 1) for m in flat])
+        packed = packed.view(*lead, n, half)
+    zero = qt.zero if qt.zero is not None else torch.zeros_like(qt.scale)
+    scales_zeros = torch.stack([qt.scale.transpose(-1, -2), zero.transpose(-1, -2)], dim=-1)
+    return packed, scales_zeros.to(torch.bfloat16).contiguous()
+
+
 def runtime_weight(qt: QuantizedTensor, scheme: Scheme) -> QuantWeight:
+    return runtime_weights(qt, scheme)
+
+
+def runtime_weights(qt: QuantizedTensor, scheme: Scheme) -> Any:  # noqa: ANN401 -- one weight or a list of them
+    """The kernel-ready weight of a matrix, or the list of them for a stack (E, N, K), converted stack-wise."""
     if scheme.method == "int8":
-        return Int8Weight(qt.weight, qt.scale)
-    return Int4Weight(qt, scheme.group_size)
-
-
-def _expert_slices(qt: QuantizedTensor) -> list[QuantizedTensor]:
-    zeros = qt.zero.unbind(0) if qt.zero is not None else [None] * len(qt.weight)
-    return [QuantizedTensor(w, s, z) for w, s, z in zip(qt.weight.unbind(0), qt.scale.unbind(0), zeros)]
+        weight, scale = qt.weight.contiguous(), qt.scale.to(torch.bfloat16)
+        if weight.dim() == 2:
+            return Int8Weight(weight, scale)
+        return [Int8Weight(w, s) for w, s in zip(weight.unbind(0), scale.unbind(0))]
+    packed, sz = int4_layout(qt)
+    if packed.dim() == 2:
+        return Int4Weight(packed, sz, scheme.group_size)
+    return [Int4Weight(p, z, scheme.group_size) for p, z in zip(packed.unbind(0), sz.unbind(0))]
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -344,8 +369,7 @@ def targets(model: nn.Module, scheme: Scheme) -> dict[str, Scheme]:
 def build(module: nn.Module, parts: Mapping[str, QuantizedTensor], scheme: Scheme) -> nn.Module:
     """The quantized replacement of a dense module, from its parameters' portable forms (by parameter name)."""
     if isinstance(module, Experts):
-        return QuantExperts([runtime_weight(q, scheme) for q in _expert_slices(parts["w13"])],
-                            [runtime_weight(q, scheme) for q in _expert_slices(parts["w2"])])
+        return QuantExperts(runtime_weights(parts["w13"], scheme), runtime_weights(parts["w2"], scheme))
     return QuantLinear(runtime_weight(parts["weight"], scheme))
 
 

@@ -28,6 +28,8 @@ bench: install
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/soak.py
 	$(PY) benchmarks/tokenizer.py
+	$(PY) benchmarks/quant.py
+	$(PY) benchmarks/quant_accuracy.py
 	$(PY) benchmarks/train.py
 
 # The whole recipe on this machine class (about 90 minutes on a 2-core Zen 5, summed over its stages: 36 of

@@ -42,8 +42,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * 0.02
     wb = w.bfloat16()
-    i8 = quant.runtime_weight(quant.quantize(w, Scheme("int8")), Scheme("int8"))
-    i4 = quant.runtime_weight(quant.quantize(w, Scheme("int4", 64)), Scheme("int4", 64))
+    i8 = quant.runtime_weights(quant.quantize(w, Scheme("int8")), Scheme("int8"))
+    i4 = quant.runtime_weights(quant.quantize(w, Scheme("int4", 64)), Scheme("int4", 64))
     print(f"{N} x {K}, {a.threads} threads; ms per product (GB/s of weights)")
     print("| rows | int8 kernel | int4 kernel | bf16 F.linear | fp32 F.linear |")
     print("|---|---|---|---|---|")

@@ -212,7 +212,7 @@ def weight_errors(model_dir: Path) -> list[dict[str, Any]]:
                         continue  # quant.targets would put this one in int8
                     qt = quant.quantize(w, s)
                     portable = (w - quant.dequantize(qt, s)).norm() / norm
-                    runtime = (w - quant.runtime_weight(qt, s).dequantize(torch.float32)).norm() / norm
+                    runtime = (w - quant.runtime_weights(qt, s).dequantize(torch.float32)).norm() / norm
                     rows.append({"tensor": tensor, "kind": kind(name, module), "shape": [n, k], "format": fmt,
                                  "rel_error": float(portable), "rel_error_runtime": float(runtime)})
     return rows

@@ -62,7 +62,7 @@ def test_fast_products_match_dequantized_reference(scheme: Scheme, rows: int) ->
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(128, 256, generator=g) * 0.05
     qt = quant.quantize(w, scheme)
-    weight = quant.runtime_weight(qt, scheme)
+    weight = quant.runtime_weights(qt, scheme)
     # the runtime form holds its scales in bf16, as the kernels take them; the reference does the same
     reference_w = quant.dequantize(quant.QuantizedTensor(qt.weight, qt.scale.bfloat16().float(),
                                                          None if qt.zero is None else qt.zero.bfloat16().float()),
@@ -76,9 +76,15 @@ def test_fast_products_match_dequantized_reference(scheme: Scheme, rows: int) ->
         assert _rel(y, ref) < 0.01
 
 
-def test_int4_dequantize_reads_torchs_packed_layout() -> None:
-    # Int4Weight keeps only torch's CPU packing; its fast dequantize assumes that layout (probed once)
-    assert quant._int4_layout_known()
+@pytest.mark.parametrize("stack", [(), (3,)])
+def test_int4_packing_is_torchs(stack: tuple[int, ...]) -> None:
+    # int4_layout writes torch's CPU packing itself where a probe says it knows it (else it calls torch's
+    # converter): either way the bytes must be what torch's own converter produces for every matrix
+    qt = quant.quantize(torch.randn(*stack, 128, 256, generator=torch.Generator().manual_seed(5)), Scheme("int4"))
+    packed, _ = quant.int4_layout(qt)
+    values = quant.unpack_int4(qt.weight).to(torch.int32).reshape(-1, 128, 256)
+    expected = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m, 1) for m in values])
+    assert torch.equal(packed.reshape(expected.shape), expected)
 
 
 @pytest.mark.parametrize("scheme", [Scheme("int8"), Scheme("int4", 32)], ids=str)

@@ -289,10 +289,6 @@ def int4_layout(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_zeros.to(torch.bfloat16).contiguous()
 
 
-def runtime_weight(qt: QuantizedTensor, scheme: Scheme) -> QuantWeight:
-    return runtime_weights(qt, scheme)
-
-
 def runtime_weights(qt: QuantizedTensor, scheme: Scheme) -> Any:  # noqa: ANN401 -- one weight or a list of them
     """The kernel-ready weight of a matrix, or the list of them for a stack (E, N, K), converted stack-wise."""
     if scheme.method == "int8":
@@ -370,7 +366,7 @@ def build(module: nn.Module, parts: Mapping[str, QuantizedTensor], scheme: Schem
     """The quantized replacement of a dense module, from its parameters' portable forms (by parameter name)."""
     if isinstance(module, Experts):
         return QuantExperts(runtime_weights(parts["w13"], scheme), runtime_weights(parts["w2"], scheme))
-    return QuantLinear(runtime_weight(parts["weight"], scheme))
+    return QuantLinear(runtime_weights(parts["weight"], scheme))
 
 
 def quantize_(model: nn.Module, scheme: Scheme | str) -> nn.Module:

@@ -1,9 +1,12 @@
-"""The products behind dsv2.kernels.quant on this CPU: int8 and int4 weight-only kernels against the dense
-bf16 / fp32 GEMM, by rows, on a V2-Lite routed expert's gate+up projection (2816 x 2048); the cost of
-dequantizing (the many-row path); and how fast weights quantize (what bounds quantize-as-it-loads).
+"""The products behind dsv2.kernels.quant on this CPU: dsv2's own int8 / int4 kernels (kernels/native.py) and
+torch's (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) against the dense bf16 GEMM, by rows, on V2-Lite
+routed experts' gate+up projections (2816 x 2048); the cost of dequantizing (the many-row path); and how fast
+weights quantize (what bounds quantize-as-it-loads).
 
-Each figure is the median of 15 calls after 2 warm-ups, 2 threads. GB/s counts the weight bytes one product
-streams (int8: 1 byte per weight, int4: 0.5, bf16: 2, fp32: 4).
+Products run over a stack of EXPERTS distinct matrices in turn, so that, as in a decode step, every weight comes
+from memory rather than the cache (one matrix multiplied again and again sits in L2/L3 and measures something
+else: `--hot` does that). Each figure is the median of 9 passes after a warm-up, 2 threads. GB/s counts the
+weight bytes one product streams (int8: 1 byte per weight, int4: 0.5, bf16: 2).
 
     python benchmarks/quant.py [--threads 2]
 """
@@ -18,14 +21,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dsv2.kernels import quant
+from dsv2.kernels import native, quant
 from dsv2.kernels.quant import Scheme
 
 N, K = 2816, 2048
+EXPERTS = 24
 
 
-def ms(f: Callable[[], object], n: int = 15) -> float:
-    f(), f()
+def ms(f: Callable[[], object], n: int = 9) -> float:
+    f()
     ts = []
     for _ in range(n):
         t = time.perf_counter()
@@ -37,27 +41,39 @@ def ms(f: Callable[[], object], n: int = 15) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hot", action="store_true", help="multiply one matrix again and again (cache-resident)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(N, K, generator=g) * 0.02
-    wb = w.bfloat16()
-    i8 = quant.runtime_weights(quant.quantize(w, Scheme("int8")), Scheme("int8"))
-    i4 = quant.runtime_weights(quant.quantize(w, Scheme("int4", 64)), Scheme("int4", 64))
-    print(f"{N} x {K}, {a.threads} threads; ms per product (GB/s of weights)")
-    print("| rows | int8 kernel | int4 kernel | bf16 F.linear | fp32 F.linear |")
-    print("|---|---|---|---|---|")
-    for rows in (1, 2, 4, 8, 16, 32, 64, 512):
+    count = 1 if a.hot else EXPERTS
+    s8, s4 = Scheme("int8"), Scheme("int4", 64)
+    dense, i8, i4t, i4n = [], [], [], []
+    for _ in range(count):
+        w = torch.randn(N, K, generator=g) * 0.02
+        dense.append(w.bfloat16())
+        i8.append(quant.runtime_weights(quant.quantize(w, s8), s8))
+        q4 = quant.quantize(w, s4)
+        i4t.append(quant.Int4Weight(*quant.int4_layout(q4), 64))  # torch's layout and kernel
+        if native.available():
+            i4n.append(quant.runtime_weights(q4, s4))
+    have = native.available()
+    print(f"{N} x {K}, {count} matrices in turn, {a.threads} threads, dsv2 kernels: {'built' if have else 'absent'}; "
+          "ms per product (GB/s of weights)")
+    print("| rows | int8 torch | int8 dsv2 | int4 g64 torch | int4 g64 dsv2 | bf16 F.linear |")
+    print("|---|---|---|---|---|---|")
+    cell = lambda t, b: f"{t:.3f} ({N * K * b / t / 1e6:.1f})"  # noqa: E731
+    for rows in (1, 2, 4, 8, 16):
         x = torch.randn(rows, K, generator=g).bfloat16()
-        xf = x.float()
-        t8 = ms(lambda: i8._kernel(x))
-        t4 = ms(lambda: i4._kernel(x))
-        tb = ms(lambda: F.linear(x, wb))
-        tf = ms(lambda: F.linear(xf, w))
-        cell = lambda t, b: f"{t:.3f} ({N * K * b / t / 1e6:.1f})"  # noqa: E731
-        print(f"| {rows} | {cell(t8, 1)} | {cell(t4, 0.5)} | {cell(tb, 2)} | {cell(tf, 4)} |")
-    print(f"dequantize to bf16: int8 {ms(lambda: i8.dequantize(torch.bfloat16)):.2f} ms, "
-          f"int4 {ms(lambda: i4.dequantize(torch.bfloat16)):.2f} ms")
+        per = lambda f, ws: ms(lambda: [f(w) for w in ws]) / len(ws)  # noqa: E731
+        t8 = per(lambda w: w._kernel(x), i8)
+        n8 = per(lambda w: w._native(x), i8) if have else float("nan")
+        t4 = per(lambda w: w._kernel(x), i4t)
+        n4 = per(lambda w: w._native(x), i4n) if have else float("nan")
+        tb = per(lambda w: F.linear(x, w), dense)
+        print(f"| {rows} | {cell(t8, 1)} | {cell(n8, 1)} | {cell(t4, 0.5)} | {cell(n4, 0.5)} | {cell(tb, 2)} |")
+    w8, w4 = i8[0], (i4n or i4t)[0]
+    print(f"dequantize to bf16: int8 {ms(lambda: w8.dequantize(torch.bfloat16)):.2f} ms, "
+          f"int4 {ms(lambda: w4.dequantize(torch.bfloat16)):.2f} ms")
     stack = (torch.randn(16, N, K, generator=g) * 0.02).bfloat16()
     for scheme in (Scheme("int8"), Scheme("int4", 64)):
         t0 = time.perf_counter()

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv2 import gguf
-from dsv2.checkpoint import load, planned_weight_bytes
+from dsv2.checkpoint import load, planned_weight_bytes, read_config
+from dsv2.config import ModelConfig
 from dsv2.default_model import default_model_dir
 from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2.infer.blocks import BlockAllocator
@@ -32,7 +33,7 @@ from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
 from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, generation_defaults, sample
 from dsv2.infer.scheduler import Scheduled, Scheduler
 from dsv2.infer.scheduler import Sequence as SchedSeq
-from dsv2.kernels import onednn, quant
+from dsv2.kernels import onednn, prepare, quant
 from dsv2.model import Transformer
 from dsv2.tokenizer import StreamDecoder, Tokenizer
 
@@ -169,6 +170,10 @@ class LLM:
             onednn.pack_for_inference_(self.model)
         elif not quantized and (gemv_layout or (gemv_layout is None and own_cpu_model)):
             transpose_weights_for_gemv_(self.model)
+        if self.device.type == "cpu" and (own_cpu_model or quantized):
+            # Only for a model that is the engine's alone (loaded here, or made inference-only by quantization):
+            # a model passed in may go on training, and the blocks are copies.
+            prepare.prepare_(self.model)
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)
         self.dtype = next(self.model.parameters()).dtype
@@ -447,6 +452,10 @@ def _check_fits(path: Path, dtype: torch.dtype | None, scheme: quant.Scheme | No
     if not (path / "config.json").is_file() and not path.is_file():
         return  # load() says what is wrong
     need, peak, what = planned_weight_bytes(path, dtype, scheme)
+    if device.type == "cpu":  # the inference-only forms the engine adds (kernels.prepare)
+        cfg = ModelConfig.from_hf(read_config(path))
+        extra = prepare.planned_bytes(cfg, dtype or getattr(torch, cfg.torch_dtype, torch.float32))
+        need, peak = need + extra, peak + extra
     free = available_memory(device)
     if peak > free:
         hint = "" if scheme is not None and scheme.method == "int4" else \

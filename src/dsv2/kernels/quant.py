@@ -12,12 +12,13 @@ The portable form (`QuantizedTensor`: what `dsv2 quantize` writes and a quantize
 int8 `weight` (N, K); or uint8 `weight` (N, K / 2), two values per byte, the even column in the low nibble,
 with fp32 `weight_scale` (N,) or (N, K / group) and, for asymmetric int4, `weight_zero` (N, K / group).
 
-Products (measured in benchmarks/quant.py): torch's own CPU kernels, `aten._weight_int8pack_mm` and
-`aten._weight_int4pack_mm_for_cpu`, multiply bf16 activations by the quantized weight directly; their cost grows
-linearly with the rows (each row streams the weight again), so past `KERNEL_MAX_ROWS` rows (prefill, the busy
-experts of a large batch) the weight is dequantized once into the activation dtype and multiplied by the dense
-GEMM. Both kernels need bf16 activations to be fast (fp32 ones were 10x slower), so other dtypes are cast
-around the call. Each weight's `dequantize()` is the reference its fast path is tested against.
+Products (measured in benchmarks/quant.py): up to `native.MAX_ROWS` rows, dsv2's own kernels (kernels/native.py:
+each weight read once for all rows) where they build, int4 then held in their block layout (`Int4BlockWeight`).
+Otherwise torch's CPU kernels, `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`, on bf16
+activations (fp32 ones were 10x slower); their cost grows linearly with the rows (each row streams the weight
+again). Past `KERNEL_MAX_ROWS` rows (prefill, the busy experts of a large batch) the weight is dequantized once
+into the activation dtype and multiplied by the dense GEMM. Each weight's `dequantize()` is the reference its
+fast paths are tested against.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2.kernels import native, prepare
 from dsv2.model.moe import Experts, Routing, inference_experts, swiglu
 
 METHODS = ("int8", "int4")
@@ -191,14 +193,24 @@ class QuantWeight:
 
     shape: tuple[int, int]
 
+    native: bool = False  # whether `_native` (dsv2's kernels, kernels/native.py) multiplies this weight
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.shape[1]
-        if rows > KERNEL_MAX_ROWS:
+        if self.native and rows <= native.MAX_ROWS:
+            y = self._native(x.reshape(-1, self.shape[1]))
+        elif rows > KERNEL_MAX_ROWS:
             return F.linear(x, self.dequantize(x.dtype))
-        y = self._kernel(x.reshape(-1, self.shape[1]).to(torch.bfloat16))
+        else:
+            y = self._kernel(x.reshape(-1, self.shape[1]).to(torch.bfloat16))
         return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
     def _kernel(self, x_bf16: torch.Tensor) -> torch.Tensor:
+        """torch's kernel."""
+        raise NotImplementedError
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        """dsv2's kernel, fp32 out."""
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -213,10 +225,14 @@ class Int8Weight(QuantWeight):
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.q = weight.contiguous()
         self.shape = tuple(self.q.shape)
-        self.scale = scale.to(torch.bfloat16)  # the kernel takes scales in the activations' dtype
+        self.scale = scale.to(torch.bfloat16)  # torch's kernel takes scales in the activations' dtype; so does ours
+        self.native = native.available() and self.shape[1] % native.INT8_K_MULTIPLE == 0
 
     def _kernel(self, x_bf16: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x_bf16, self.q, self.scale)
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        return native.int8_mm(x, self.q, self.scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]
@@ -254,6 +270,34 @@ class Int4Weight(QuantWeight):
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales_zeros.nbytes
+
+
+class Int4BlockWeight(QuantWeight):
+    """int4 in dsv2's kernel layout (`native.int4_blocks`), used whenever that kernel is built: past its rows,
+    dequantize + the dense GEMM, as for torch's layout."""
+
+    native = True
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
+        """packed (N, K / 2) uint8; scale, zero (N, K / group) bf16, W = (q - 8) * scale + zero."""
+        n, half = packed.shape
+        if 2 * half // group_size > native.INT4_MAX_GROUPS:
+            raise ValueError(f"int4 rows of {2 * half} weights in groups of {group_size}: more than the kernel's "
+                             f"{native.INT4_MAX_GROUPS} groups")
+        self.shape, self.group_size = (n, 2 * half), group_size
+        self.packed, self.scale, self.zero = packed, scale, zero
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        return native.int4_mm(x, self.packed, self.scale, self.zero, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.shape
+        g = (native.int4_unblock(self.packed).to(dtype) - 8).view(n, k // self.group_size, self.group_size)
+        return (g * self.scale.to(dtype)[..., None] + self.zero.to(dtype)[..., None]).view(n, k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale.nbytes + self.zero.nbytes
 
 
 @functools.cache
@@ -296,6 +340,13 @@ def runtime_weights(qt: QuantizedTensor, scheme: Scheme) -> Any:  # noqa: ANN401
         if weight.dim() == 2:
             return Int8Weight(weight, scale)
         return [Int8Weight(w, s) for w, s in zip(weight.unbind(0), scale.unbind(0))]
+    if native.available():
+        packed = native.int4_blocks(unpack_int4(qt.weight))
+        scale = qt.scale.to(torch.bfloat16)
+        zero = torch.zeros_like(scale) if qt.zero is None else qt.zero.to(torch.bfloat16)
+        if packed.dim() == 2:
+            return Int4BlockWeight(packed, scale, zero, scheme.group_size)
+        return [Int4BlockWeight(*t, scheme.group_size) for t in zip(packed.unbind(0), scale.unbind(0), zero.unbind(0))]
     packed, sz = int4_layout(qt)
     if packed.dim() == 2:
         return Int4Weight(packed, sz, scheme.group_size)
@@ -406,8 +457,10 @@ def _quantized_bytes(shape: Sequence[int], scheme: Scheme) -> int:
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of a loaded model's weights: dense parameters plus quantized weights."""
+    """Bytes of a loaded model's weights: dense parameters, quantized weights, and the absorbed decode's
+    fp32 blocks where the engine holds them (kernels.prepare)."""
     total = sum(p.nbytes for p in model.parameters())
+    total += sum(m.block_bytes for m in model.modules() if isinstance(m, prepare.PreparedKVUp))
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += m.qweight.nbytes

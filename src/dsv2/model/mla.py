@@ -26,6 +26,21 @@ from dsv2.model.norm import RMSNorm
 from dsv2.model.rope import apply_rope
 
 
+class KVUp(nn.Linear):
+    """wkv_b: the latent's up-projection to per-head [k_nope | v] (kv_b_proj in the checkpoint). The naive path
+    calls it as a Linear; the absorbed one multiplies its per-head blocks, which `blocks` gives."""
+
+    def __init__(self, kv_rank: int, n_heads: int, nope_dim: int, v_dim: int) -> None:
+        super().__init__(kv_rank, n_heads * (nope_dim + v_dim), bias=False)
+        self.n_heads, self.nope_dim, self.v_dim = n_heads, nope_dim, v_dim
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (nh, dn, dc) and W_UV^T (nh, dc, dv), as views of the weight (the inference engine swaps in a
+        module that holds them contiguous: see dsv2.kernels.prepare)."""
+        w = self.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.in_features)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :].transpose(1, 2)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -42,7 +57,7 @@ class MLA(nn.Module):
             self.q_norm = RMSNorm(cfg.q_lora_rank)
             self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * cfg.qk_head_dim, bias=False)
         self.kv_norm = RMSNorm(self.kv_rank)
-        self.wkv_b = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wkv_b = KVUp(self.kv_rank, self.n_heads, self.nope_dim, self.v_dim)
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
 
     def forward(
@@ -108,11 +123,10 @@ class MLA(nn.Module):
         mask: bool (..., T, S) broadcastable over the batch, True = may attend; None = every key visible.
         """
         B, T, nh, _ = q_nope.shape
-        w = self.wkv_b.weight.view(nh, self.nope_dim + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (nh, dn, dc), (nh, dv, dc)
+        w_uk, w_uv_t = self.wkv_b.blocks()  # (nh, dn, dc), (nh, dc, dv), possibly in a wider dtype
         # Head-batched products written as bmm over (nh, B*T, .): einsum would plan the same bmm on every call.
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(nh, B * T, -1), w_uk)  # (nh, B*T, dc)
-        q_lat = q_lat.view(nh, B, T, self.kv_rank).permute(1, 2, 0, 3)  # (B, T, nh, dc)
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(nh, B * T, -1).to(w_uk.dtype), w_uk)  # (nh, B*T, dc)
+        q_lat = q_lat.to(q_nope.dtype).view(nh, B, T, self.kv_rank).permute(1, 2, 0, 3)  # (B, T, nh, dc)
         # Every (token, head) pair is one query row of a single-head attention over the latents.
         q = torch.cat([q_lat, q_pe], dim=-1).view(B, 1, T * nh, self.kv_rank + self.rope_dim)
         k = latent[:, None]  # (B, 1, S, dc + dr)
@@ -124,8 +138,8 @@ class MLA(nn.Module):
             S = scores.shape[-1]
             scores.view(B, 1, T, nh, S).masked_fill_(~mask[..., None, :], float("-inf"))
         o = torch.matmul(scores.softmax(dim=-1), v)  # (B, 1, T * nh, dc)
-        o = torch.bmm(o.view(B * T, nh, self.kv_rank).transpose(0, 1), w_uv.transpose(1, 2))  # (nh, B*T, dv)
-        return o.view(nh, B, T, self.v_dim).permute(1, 2, 0, 3)
+        o = torch.bmm(o.view(B * T, nh, self.kv_rank).transpose(0, 1).to(w_uv_t.dtype), w_uv_t)  # (nh, B*T, dv)
+        return o.to(q_nope.dtype).view(nh, B, T, self.v_dim).permute(1, 2, 0, 3)
 
 
 class AttentionCache(Protocol):

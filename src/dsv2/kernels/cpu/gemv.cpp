@@ -1,0 +1,256 @@
+// Few-row products with weight-only int8 / int4 matrices on the CPU: y (R, N) = x (R, K) @ W.T, for the R <= 16
+// rows of a decode step. Each weight row is read from memory once for all R activation rows (torch's own
+// kernels stream the whole weight again for every row), and the work is split over output rows with OpenMP.
+//
+// Built at first use by dsv2/kernels/native.py with the system compiler and -march=native: AVX-512 or AVX2 code
+// by what the machine has, portable scalar code elsewhere. (GCC 12 turns vector-extension int8 -> float
+// conversions into scalar code, hence the intrinsics.)
+//
+// Formats (see native.py for the conversions from the portable form):
+// - int8: q (N, K) int8, scale (N,) bf16: W[n, k] = q[n, k] * scale[n].
+// - int4: q (N, K / 2) uint8 in blocks of 32 weights: byte i of a block holds weight i (low nibble) and weight
+//   i + 16 (high nibble), llama.cpp Q4_0's order; scale and zero (N, K / G) bf16 per group of G weights:
+//   W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], torch's convention.
+
+#include <cstdint>
+#include <cstring>
+
+// Scales are bf16, as torch's kernels take them: the same numbers whichever kernel runs.
+static inline float bf16(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+constexpr int W = 16;  // floats per vector
+typedef __m512 V;
+static inline V vzero() { return _mm512_setzero_ps(); }
+static inline V vset(float a) { return _mm512_set1_ps(a); }
+static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V from_i8(const int8_t* p) {  // W int8 -> W floats
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// int4: a group's 16 levels ((q - 8) * scale + zero for q = 0..15) in one register, and each nibble dequantized by a
+// permute that reads the low 4 bits of its index: no conversion, no FMA per weight.
+typedef __m512 Levels;
+static inline Levels levels(float scale, float zero) {
+    const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm512_fmadd_ps(q, _mm512_set1_ps(scale), _mm512_set1_ps(zero));
+}
+static inline void dequant(const uint8_t* p, const Levels& t, V& lo, V& hi) {  // W bytes -> 2 W weights
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_permutexvar_ps(b, t);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+constexpr int W = 8;
+typedef __m256 V;
+static inline V vzero() { return _mm256_setzero_ps(); }
+static inline V vset(float a) { return _mm256_set1_ps(a); }
+static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline float vsum(V a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline V from_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+struct Levels {
+    V scale, bias;  // q * scale + bias, bias = zero - 8 * scale
+};
+static inline Levels levels(float scale, float zero) { return {vset(scale), vset(zero - 8 * scale)}; }
+static inline void dequant(const uint8_t* p, const Levels& t, V& lo, V& hi) {  // W bytes -> 2 W weights
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    lo = vfma(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))), t.scale, t.bias);
+    hi = vfma(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), t.scale, t.bias);
+}
+#else  // portable scalar code: correct everywhere, fast nowhere
+constexpr int W = 1;
+typedef float V;
+static inline V vzero() { return 0.f; }
+static inline V vset(float a) { return a; }
+static inline V vload(const float* p) { return *p; }
+static inline V vfma(V a, V b, V c) { return a * b + c; }
+static inline V vadd(V a, V b) { return a + b; }
+static inline float vsum(V a) { return a; }
+static inline V from_i8(const int8_t* p) { return static_cast<float>(*p); }
+struct Levels {
+    float scale, bias;
+};
+static inline Levels levels(float scale, float zero) { return {scale, zero - 8 * scale}; }
+static inline void dequant(const uint8_t* p, const Levels& t, V& lo, V& hi) {
+    lo = (*p & 15) * t.scale + t.bias;
+    hi = (*p >> 4) * t.scale + t.bias;
+}
+#endif
+
+// The micro-kernel: MR weight rows against NR activation rows, MR * NR accumulators held in registers over the
+// whole of K. Each converted weight vector feeds NR FMAs and each activation vector MR, and the MR * NR chains of
+// dependent FMAs hide an FMA's 4-cycle latency. (One weight row against all rows, the first version, was
+// latency-bound at 1 row and spent its time reloading activations at 16.)
+#if defined(__AVX512F__)
+constexpr int MR = 4, NR_MAX = 4;  // 16 accumulators of 32 registers
+#else
+constexpr int MR = 4, NR_MAX = 2;  // 8 of 16
+#endif
+
+// q: MR rows of K int8 (row stride K); x: NR rows of K floats (stride K); y[i * ldy + n]: row i, weight row n.
+template <int M, int NR>
+static inline void int8_tile(const int8_t* q, const uint16_t* scale, const float* x, int64_t K, float* y,
+                             int64_t ldy) {
+    V acc[M][NR];
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) acc[m][i] = vzero();
+    for (int64_t k = 0; k < K; k += W) {
+        // The next tile's rows (this thread's next block, read after this one) from memory a tile ahead: the
+        // hardware prefetcher alone left the int4 kernel at ~60% of the bandwidth the int8 one reached.
+        if (k % 64 == 0)
+            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (M + m) * K + k);
+        V xv[NR];
+        for (int i = 0; i < NR; ++i) xv[i] = vload(x + i * K + k);
+        for (int m = 0; m < M; ++m) {
+            const V w = from_i8(q + m * K + k);
+            for (int i = 0; i < NR; ++i) acc[m][i] = vfma(w, xv[i], acc[m][i]);
+        }
+    }
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) y[i * ldy + m] = vsum(acc[m][i]) * bf16(scale[m]);
+}
+
+// int4, a block of 32 at a time: the MR rows' weights dequantized once for the NR activation rows. scale and zero
+// are fp32 here (M rows of K / G, converted per block of rows by the caller): the group loop then broadcasts them
+// straight from memory, where converting bf16 in it cost a third of the time at G = 64. GC: the group size when
+// known at compile time (the block loop unrolls), 0 for any other.
+template <int M, int NR, int GC>
+static inline void int4_tile(const uint8_t* q, const float* scale, const float* zero, const float* x, int64_t K,
+                             int64_t G_, float* y, int64_t ldy) {
+    const int64_t G = GC ? GC : G_, groups = K / G;
+    V acc[M][NR];
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) acc[m][i] = vzero();
+    for (int64_t g = 0; g < groups; ++g) {
+        Levels t[M];
+        for (int m = 0; m < M; ++m) t[m] = levels(scale[m * groups + g], zero[m * groups + g]);
+        if ((g * G / 2) % 64 == 0)  // the next tile's rows, a cache line at a time (see int8_tile)
+            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (M + m) * (K / 2) + g * G / 2);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {  // a block: weights k..k+15 low nibbles, k+16.. high
+            for (int j = 0; j < 16; j += W) {
+                V xl[NR], xh[NR];
+                for (int i = 0; i < NR; ++i) {
+                    xl[i] = vload(x + i * K + k + j);
+                    xh[i] = vload(x + i * K + k + 16 + j);
+                }
+                for (int m = 0; m < M; ++m) {
+                    V lo, hi;
+                    dequant(q + m * (K / 2) + k / 2 + j, t[m], lo, hi);
+                    for (int i = 0; i < NR; ++i) {
+                        acc[m][i] = vfma(lo, xl[i], acc[m][i]);
+                        acc[m][i] = vfma(hi, xh[i], acc[m][i]);
+                    }
+                }
+            }
+        }
+    }
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) y[i * ldy + m] = vsum(acc[m][i]);
+}
+
+// The tile's template instance by its size: rows of x in tiles of NR_MAX, the weight rows in blocks of MR (a
+// last partial block one row at a time).
+template <int M, typename Tile>
+static inline void rows(int64_t R, Tile tile) {
+    int64_t r = 0;
+    for (; r + NR_MAX <= R; r += NR_MAX) tile.template run<M, NR_MAX>(r);
+    switch (R - r) {
+        case 0: break;
+        case 1: tile.template run<M, 1>(r); break;
+        case 2: tile.template run<M, 2>(r); break;
+        default: tile.template run<M, 3>(r); break;
+    }
+}
+
+struct Int8Args {
+    const int8_t* q;
+    const uint16_t* scale;
+    const float* x;
+    float* y;
+    int64_t K, ldy, n;
+    template <int M, int NR>
+    void run(int64_t r) const {
+        int8_tile<M, NR>(q + n * K, scale + n, x + r * K, K, y + r * ldy + n, ldy);
+    }
+};
+
+struct Int4Args {
+    const uint8_t* q;
+    const float *scale, *zero;  // fp32, this block's M rows
+    const float* x;
+    float* y;
+    int64_t K, G, ldy, n;
+    template <int M, int NR>
+    void run(int64_t r) const {
+        const uint8_t* qn = q + n * (K / 2);
+        const float* xr = x + r * K;
+        float* yr = y + r * ldy + n;
+        switch (G) {
+            case 32: int4_tile<M, NR, 32>(qn, scale, zero, xr, K, G, yr, ldy); break;
+            case 64: int4_tile<M, NR, 64>(qn, scale, zero, xr, K, G, yr, ldy); break;
+            case 128: int4_tile<M, NR, 128>(qn, scale, zero, xr, K, G, yr, ldy); break;
+            default: int4_tile<M, NR, 0>(qn, scale, zero, xr, K, G, yr, ldy); break;
+        }
+    }
+};
+
+extern "C" {
+
+// x (R, K) fp32, y (R, ldy) fp32: y[r, n] for n < N. K a multiple of 16. nthreads: the caller's (torch's) count.
+void dsv2_int8_mm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t R, int64_t N, int64_t K,
+                  int64_t ldy, int nthreads) {
+    const int64_t blocks = (N + MR - 1) / MR;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * MR;
+        if (n0 + MR <= N) {
+            rows<MR>(R, Int8Args{q, scale, x, y, K, ldy, n0});
+        } else {
+            for (int64_t n = n0; n < N; ++n) rows<1>(R, Int8Args{q, scale, x, y, K, ldy, n});
+        }
+    }
+}
+
+// K a multiple of G, G a multiple of 32, K / G at most MAX_GROUPS.
+constexpr int64_t MAX_GROUPS = 1024;
+void dsv2_int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y, int64_t R,
+                  int64_t N, int64_t K, int64_t G, int64_t ldy, int nthreads) {
+    const int64_t blocks = (N + MR - 1) / MR, groups = K / G;
+#pragma omp parallel num_threads(nthreads)
+    {
+        alignas(64) float s[MR * MAX_GROUPS], z[MR * MAX_GROUPS];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t n0 = b * MR, rows_here = N - n0 < MR ? N - n0 : MR;
+            for (int64_t j = 0; j < rows_here * groups; ++j) {
+                s[j] = bf16(scale[n0 * groups + j]);
+                z[j] = bf16(zero[n0 * groups + j]);
+            }
+            if (rows_here == MR) {
+                rows<MR>(R, Int4Args{q, s, z, x, y, K, G, ldy, n0});
+            } else {
+                for (int64_t i = 0; i < rows_here; ++i)
+                    rows<1>(R, Int4Args{q, s + i * groups, z + i * groups, x, y, K, G, ldy, n0 + i});
+            }
+        }
+    }
+}
+
+}  // extern "C"

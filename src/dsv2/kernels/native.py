@@ -1,0 +1,148 @@
+"""dsv2's own CPU kernels (cpu/gemv.cpp): few-row products with int8 and int4 weights that read each weight once
+for all rows, built at first use with the system C++ compiler for this machine's CPU and loaded with ctypes.
+
+Why they exist: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` stream the whole weight again for
+every activation row, and the int4 one is compute-bound well below the memory bandwidth at one row
+(benchmarks/quant.py). A decode step multiplies 1 to 16 rows by each weight, which is exactly the case they
+lose.
+
+The build: `c++ -O3 -march=native -fopenmp -shared`, cached under `$DSV2_CACHE_DIR` (default
+`~/.cache/dsv2/kernels`) by a hash of the source, the compiler's version and the CPU's model and flags, so a
+machine with another CPU builds its own. OpenMP comes from the libgomp that torch has already loaded (the same
+soname), so both share one thread pool; each call passes torch's thread count. Without a compiler, or with
+`DSV2_NATIVE=0`, nothing is built and the quantized weights use torch's kernels: slower, the same results to
+rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu") / "gemv.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# Rows up to which the kernels run: past that, dequantize + the dense GEMM is faster (benchmarks/quant.py).
+MAX_ROWS = 16
+# K must be a whole number of vectors (int8) or blocks of 32 (int4), and int4 has at most INT4_MAX_GROUPS groups
+# per row (cpu/gemv.cpp's MAX_GROUPS): every DeepSeek-V2 projection qualifies.
+INT8_K_MULTIPLE, INT4_BLOCK, INT4_MAX_GROUPS = 16, 32, 1024
+
+
+def _cpu_identity() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(keep))  # one copy of each line, not one per core
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DSV2_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsv2"
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
+    """The shared library built from SOURCE with these flags (cached); RuntimeError if it cannot be."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++, g++ or clang++; or set CXX)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_identity()]).encode())
+    out = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes (tests, servers) never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cxx} failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.dsv2_int8_mm.argtypes = [p, p, p, p, i, i, i, i, ctypes.c_int]
+    lib.dsv2_int4_mm.argtypes = [p, p, p, p, p, i, i, i, i, i, ctypes.c_int]
+    lib.dsv2_int8_mm.restype = lib.dsv2_int4_mm.restype = None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernels built for this machine, or None (no compiler, a failed build, DSV2_NATIVE=0)."""
+    if os.environ.get("DSV2_NATIVE", "1") == "0":
+        return None
+    try:
+        return open_library(build())
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("dsv2's CPU kernels are not available (%s); quantized weights use torch's kernels", e)
+        return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None
+            ) -> torch.Tensor:
+    """x (R, K) @ (q * scale[:, None]).T in fp32; q (N, K) int8, scale (N,) bf16, R <= MAX_ROWS."""
+    n, k = q.shape
+    xr = _rows(x, k)
+    y = torch.empty(xr.shape[0], n, dtype=torch.float32)
+    (lib or library()).dsv2_int8_mm(q.data_ptr(), scale.data_ptr(), xr.data_ptr(), y.data_ptr(), xr.shape[0], n,
+                                    k, n, torch.get_num_threads())
+    return y
+
+
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (R, K) @ W.T in fp32, W = (q - 8) * scale + zero by groups: q (N, K / 2) uint8 in the layout of
+    `int4_blocks`, scale and zero (N, K / group) bf16."""
+    n, k = q.shape[0], 2 * q.shape[1]
+    xr = _rows(x, k)
+    y = torch.empty(xr.shape[0], n, dtype=torch.float32)
+    (lib or library()).dsv2_int4_mm(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), xr.data_ptr(), y.data_ptr(),
+                                    xr.shape[0], n, k, group_size, n, torch.get_num_threads())
+    return y
+
+
+def int4_blocks(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values (..., N, K) in [0, 15] -> the kernel's packing (..., N, K / 2): in each block of 32, byte i
+    holds weight i in its low nibble and weight i + 16 in its high one."""
+    b = values.unflatten(-1, (-1, 2, INT4_BLOCK // 2))
+    return (b[..., 0, :] | (b[..., 1, :] << 4)).flatten(-2)
+
+
+def int4_unblock(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of int4_blocks."""
+    b = packed.unflatten(-1, (-1, INT4_BLOCK // 2))
+    return torch.stack([b & 15, b >> 4], dim=-2).flatten(-3)

@@ -1,0 +1,93 @@
+"""dsv2's own CPU kernels (dsv2.kernels.native) against the dequantize + F.linear reference: every tile shape
+(1 to 16 rows, row counts that are not a multiple of the tile, weight rows that are not a multiple of 4), both
+formats, each group size, and each code path the source has (the build for this CPU, AVX2 where the CPU has it,
+the portable scalar code)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv2.kernels import native, quant
+from dsv2.kernels.quant import Scheme
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build dsv2's kernels")
+
+VARIANTS = {
+    "native": native.FLAGS,
+    "avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
+    "scalar": ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
+}
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def lib(request: pytest.FixtureRequest):  # noqa: ANN201 -- a ctypes.CDLL
+    if request.param == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2")
+    return native.open_library(native.build(VARIANTS[request.param]))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 16])
+@pytest.mark.parametrize("n", [64, 70])
+def test_int8_matches_reference(lib, rows: int, n: int) -> None:
+    g = torch.Generator().manual_seed(rows * n)
+    qt = quant.quantize(torch.randn(n, 96, generator=g), Scheme("int8"))
+    scale = qt.scale.bfloat16()
+    x = torch.randn(rows, 96, generator=g)
+    ref = F.linear(x.double(), (qt.weight.double() * scale.double()[:, None]))
+    assert _rel(native.int8_mm(x, qt.weight, scale, lib), ref) < 1e-6
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_matches_reference(lib, rows: int, group_size: int, symmetric: bool) -> None:
+    g = torch.Generator().manual_seed(rows + group_size)
+    n, k = 68, 384  # a last partial block of weight rows; K of 3 groups of 128
+    scheme = Scheme("int4", group_size, symmetric)
+    qt = quant.quantize(torch.randn(n, k, generator=g), scheme)
+    scale = qt.scale.bfloat16()
+    zero = torch.zeros_like(scale) if qt.zero is None else qt.zero.bfloat16()
+    w = quant.dequantize(quant.QuantizedTensor(qt.weight, scale.float(), zero.float()), scheme, torch.float64)
+    x = torch.randn(rows, k, generator=g)
+    packed = native.int4_blocks(quant.unpack_int4(qt.weight))
+    y = native.int4_mm(x, packed, scale, zero, group_size, lib)
+    assert _rel(y, F.linear(x.double(), w)) < 1e-6
+
+
+def test_int4_block_layout_round_trips() -> None:
+    values = torch.randint(0, 16, (3, 5, 64), dtype=torch.uint8)
+    packed = native.int4_blocks(values)
+    assert packed.shape == (3, 5, 32)
+    assert torch.equal(packed[0, 0, 0], values[0, 0, 0] | (values[0, 0, 16] << 4))  # weight i and i + 16
+    assert torch.equal(native.int4_unblock(packed), values)
+
+
+def test_weights_use_the_kernels_when_built_and_torchs_without() -> None:
+    w = torch.randn(64, 128)
+    assert quant.runtime_weights(quant.quantize(w, Scheme("int8")), Scheme("int8")).native
+    assert isinstance(quant.runtime_weights(quant.quantize(w, Scheme("int4")), Scheme("int4")),
+                      quant.Int4BlockWeight)
+    code = ("import torch; from dsv2.kernels import native, quant; from dsv2.kernels.quant import Scheme;"
+            "w = torch.randn(64, 128); s = Scheme('int4');"
+            "print(native.available(), type(quant.runtime_weights(quant.quantize(w, s), s)).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], env={"DSV2_NATIVE": "0", "PATH": ""},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "Int4Weight"]

@@ -72,6 +72,24 @@ def test_int4_matches_reference(lib, rows: int, group_size: int, symmetric: bool
     assert _rel(y, F.linear(x.double(), w)) < 1e-6
 
 
+def test_dequantize_to_bf16_matches_reference(lib) -> None:
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(36, 192, generator=g)
+    qt = quant.quantize(w, Scheme("int8"))
+    scale = qt.scale.bfloat16()
+    ref8 = (qt.weight.float() * scale.float()[:, None]).bfloat16()  # exact in fp32, then rounded once
+    assert torch.equal(native.int8_dequant(qt.weight, scale, lib), ref8)
+    for scheme in (Scheme("int4", 64), Scheme("int4", 32, symmetric=False)):
+        qt = quant.quantize(w, scheme)
+        scale = qt.scale.bfloat16()
+        zero = torch.zeros_like(scale) if qt.zero is None else qt.zero.bfloat16()
+        ref = quant.dequantize(quant.QuantizedTensor(qt.weight, scale.float(), zero.float()), scheme)
+        out = native.int4_dequant(native.int4_blocks(quant.unpack_int4(qt.weight)), scale, zero, scheme.group_size,
+                                  lib)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding
+
+
 def test_int4_block_layout_round_trips() -> None:
     values = torch.randint(0, 16, (3, 5, 64), dtype=torch.uint8)
     packed = native.int4_blocks(values)

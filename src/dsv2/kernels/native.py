@@ -88,7 +88,10 @@ def open_library(path: Path) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.dsv2_int8_mm.argtypes = [p, p, p, p, i, i, i, i, ctypes.c_int]
     lib.dsv2_int4_mm.argtypes = [p, p, p, p, p, i, i, i, i, i, ctypes.c_int]
-    lib.dsv2_int8_mm.restype = lib.dsv2_int4_mm.restype = None
+    lib.dsv2_int8_dequant.argtypes = [p, p, p, i, i, ctypes.c_int]
+    lib.dsv2_int4_dequant.argtypes = [p, p, p, p, i, i, i, ctypes.c_int]
+    for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant):
+        f.restype = None
     return lib
 
 
@@ -133,6 +136,24 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.T
     (lib or library()).dsv2_int4_mm(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), xr.data_ptr(), y.data_ptr(),
                                     xr.shape[0], n, k, group_size, n, torch.get_num_threads())
     return y
+
+
+def int8_dequant(q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """q * scale[:, None] in bf16."""
+    out = torch.empty(q.shape, dtype=torch.bfloat16)
+    (lib or library()).dsv2_int8_dequant(q.data_ptr(), scale.data_ptr(), out.data_ptr(), *q.shape,
+                                         torch.get_num_threads())
+    return out
+
+
+def int4_dequant(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The bf16 matrix of int4_mm's weight."""
+    n, k = q.shape[0], 2 * q.shape[1]
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    (lib or library()).dsv2_int4_dequant(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), n, k,
+                                         group_size, torch.get_num_threads())
+    return out
 
 
 def int4_blocks(values: torch.Tensor) -> torch.Tensor:

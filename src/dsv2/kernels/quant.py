@@ -235,6 +235,8 @@ class Int8Weight(QuantWeight):
         return native.int8_mm(x, self.q, self.scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.native and dtype == torch.bfloat16:  # the many-row path's: 5x faster than the torch ops
+            return native.int8_dequant(self.q, self.scale)
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]
 
     @property
@@ -291,6 +293,8 @@ class Int4BlockWeight(QuantWeight):
         return native.int4_mm(x, self.packed, self.scale, self.zero, self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if dtype == torch.bfloat16:  # the many-row path's (the torch ops below took 26 ms per 2816 x 2048)
+            return native.int4_dequant(self.packed, self.scale, self.zero, self.group_size)
         n, k = self.shape
         g = (native.int4_unblock(self.packed).to(dtype) - 8).view(n, k // self.group_size, self.group_size)
         return (g * self.scale.to(dtype)[..., None] + self.zero.to(dtype)[..., None]).view(n, k)

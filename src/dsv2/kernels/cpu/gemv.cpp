@@ -253,4 +253,41 @@ void dsv2_int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero,
     }
 }
 
+// Dequantize to bf16 (rounded to nearest even), for the many-row path: the dense GEMM then multiplies. Plain
+// loops over a row: the compiler vectorizes them, and they are bound by writing the output.
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+void dsv2_int8_dequant(const int8_t* q, const uint16_t* scale, uint16_t* out, int64_t N, int64_t K, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; ++n) {
+        const float s = bf16(scale[n]);
+        const int8_t* qn = q + n * K;
+        uint16_t* on = out + n * K;
+        for (int64_t k = 0; k < K; ++k) on[k] = to_bf16(static_cast<float>(qn[k]) * s);
+    }
+}
+
+void dsv2_int4_dequant(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, uint16_t* out, int64_t N,
+                       int64_t K, int64_t G, int nthreads) {
+    const int64_t groups = K / G;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* qn = q + n * (K / 2);
+        uint16_t* on = out + n * K;
+        for (int64_t g = 0; g < groups; ++g) {
+            const float s = bf16(scale[n * groups + g]), b = bf16(zero[n * groups + g]) - 8 * s;
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+                for (int j = 0; j < 16; ++j) {
+                    on[k + j] = to_bf16(static_cast<float>(qn[k / 2 + j] & 15) * s + b);
+                    on[k + 16 + j] = to_bf16(static_cast<float>(qn[k / 2 + j] >> 4) * s + b);
+                }
+            }
+        }
+    }
+}
+
 }  // extern "C"

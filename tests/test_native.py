@@ -72,6 +72,22 @@ def test_int4_matches_reference(lib, rows: int, group_size: int, symmetric: bool
     assert _rel(y, F.linear(x.double(), w)) < 1e-6
 
 
+def test_bf16_rows_in_and_out(lib) -> None:
+    """bf16 activations are widened and the fp32 result rounded once: the fp32 product of the same values."""
+    g = torch.Generator().manual_seed(5)
+    qt = quant.quantize(torch.randn(40, 128, generator=g), Scheme("int8"))
+    scale = qt.scale.bfloat16()
+    x = torch.randn(3, 128, generator=g).bfloat16()
+    y = native.int8_mm(x, qt.weight, scale, lib)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, native.int8_mm(x.float(), qt.weight, scale, lib).bfloat16())
+    q4 = quant.quantize(torch.randn(40, 128, generator=g), Scheme("int4", 32))
+    packed, s4 = native.int4_blocks(quant.unpack_int4(q4.weight)), q4.scale.bfloat16()
+    z4 = torch.zeros_like(s4)
+    y4 = native.int4_mm(x, packed, s4, z4, 32, lib)
+    assert y4.dtype == torch.bfloat16 and torch.equal(y4, native.int4_mm(x.float(), packed, s4, z4, 32, lib).bfloat16())
+
+
 def test_dequantize_to_bf16_matches_reference(lib) -> None:
     g = torch.Generator().manual_seed(9)
     w = torch.randn(36, 192, generator=g)

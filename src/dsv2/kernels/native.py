@@ -85,9 +85,9 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
 
 def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.dsv2_int8_mm.argtypes = [p, p, p, p, i, i, i, i, ctypes.c_int]
-    lib.dsv2_int4_mm.argtypes = [p, p, p, p, p, i, i, i, i, i, ctypes.c_int]
+    p, i, c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dsv2_int8_mm.argtypes = [p, p, p, c, p, c, i, i, i, c]
+    lib.dsv2_int4_mm.argtypes = [p, p, p, p, c, p, c, i, i, i, i, c]
     lib.dsv2_int8_dequant.argtypes = [p, p, p, i, i, ctypes.c_int]
     lib.dsv2_int4_dequant.argtypes = [p, p, p, p, i, i, i, ctypes.c_int]
     for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant):
@@ -112,29 +112,36 @@ def available() -> bool:
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    return x.reshape(-1, k).to(torch.float32).contiguous()
+    """x as contiguous (R, K) rows in a dtype the kernels read (bf16 or fp32)."""
+    x = x.reshape(-1, k)
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        x = x.float()
+    return x.contiguous()
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None
             ) -> torch.Tensor:
-    """x (R, K) @ (q * scale[:, None]).T in fp32; q (N, K) int8, scale (N,) bf16, R <= MAX_ROWS."""
+    """x (R, K) @ (q * scale[:, None]).T, in x's dtype when that is bf16 or fp32 (fp32 otherwise; accumulated in
+    fp32 either way); q (N, K) int8, scale (N,) bf16, R <= MAX_ROWS."""
     n, k = q.shape
     xr = _rows(x, k)
-    y = torch.empty(xr.shape[0], n, dtype=torch.float32)
-    (lib or library()).dsv2_int8_mm(q.data_ptr(), scale.data_ptr(), xr.data_ptr(), y.data_ptr(), xr.shape[0], n,
-                                    k, n, torch.get_num_threads())
+    bf = xr.dtype == torch.bfloat16
+    y = torch.empty(xr.shape[0], n, dtype=xr.dtype)
+    (lib or library()).dsv2_int8_mm(q.data_ptr(), scale.data_ptr(), xr.data_ptr(), bf, y.data_ptr(), bf,
+                                    xr.shape[0], n, k, torch.get_num_threads())
     return y
 
 
 def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (R, K) @ W.T in fp32, W = (q - 8) * scale + zero by groups: q (N, K / 2) uint8 in the layout of
+    """x (R, K) @ W.T as int8_mm, W = (q - 8) * scale + zero by groups: q (N, K / 2) uint8 in the layout of
     `int4_blocks`, scale and zero (N, K / group) bf16."""
     n, k = q.shape[0], 2 * q.shape[1]
     xr = _rows(x, k)
-    y = torch.empty(xr.shape[0], n, dtype=torch.float32)
-    (lib or library()).dsv2_int4_mm(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), xr.data_ptr(), y.data_ptr(),
-                                    xr.shape[0], n, k, group_size, n, torch.get_num_threads())
+    bf = xr.dtype == torch.bfloat16
+    y = torch.empty(xr.shape[0], n, dtype=xr.dtype)
+    (lib or library()).dsv2_int4_mm(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), xr.data_ptr(), bf, y.data_ptr(),
+                                    bf, xr.shape[0], n, k, group_size, torch.get_num_threads())
     return y
 
 

@@ -210,7 +210,7 @@ class QuantWeight:
         raise NotImplementedError
 
     def _native(self, x: torch.Tensor) -> torch.Tensor:
-        """dsv2's kernel, fp32 out."""
+        """dsv2's kernel: bf16 or fp32 out (see native.int8_mm)."""
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

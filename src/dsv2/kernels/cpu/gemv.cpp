@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 // Scales are bf16, as torch's kernels take them: the same numbers whichever kernel runs.
 static inline float bf16(uint16_t h) {
@@ -211,11 +212,9 @@ struct Int4Args {
     }
 };
 
-extern "C" {
-
 // x (R, K) fp32, y (R, ldy) fp32: y[r, n] for n < N. K a multiple of 16. nthreads: the caller's (torch's) count.
-void dsv2_int8_mm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t R, int64_t N, int64_t K,
-                  int64_t ldy, int nthreads) {
+static void int8_mm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t R, int64_t N, int64_t K,
+                    int64_t ldy, int nthreads) {
     const int64_t blocks = (N + MR - 1) / MR;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -230,8 +229,8 @@ void dsv2_int8_mm(const int8_t* q, const uint16_t* scale, const float* x, float*
 
 // K a multiple of G, G a multiple of 32, K / G at most MAX_GROUPS.
 constexpr int64_t MAX_GROUPS = 1024;
-void dsv2_int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y, int64_t R,
-                  int64_t N, int64_t K, int64_t G, int64_t ldy, int nthreads) {
+static void int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y, int64_t R,
+                    int64_t N, int64_t K, int64_t G, int64_t ldy, int nthreads) {
     const int64_t blocks = (N + MR - 1) / MR, groups = K / G;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -253,13 +252,53 @@ void dsv2_int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero,
     }
 }
 
-// Dequantize to bf16 (rounded to nearest even), for the many-row path: the dense GEMM then multiplies. Plain
-// loops over a row: the compiler vectorizes them, and they are bound by writing the output.
-static inline uint16_t to_bf16(float f) {
+// Activations and outputs in bf16 or fp32 (x_bf16, y_bf16): bf16 rows are widened into a per-thread buffer and
+// fp32 results narrowed after the product, so the caller needs no conversions of its own (two torch ops per
+// product were ~10 us each, ~600 products per V2-Lite token).
+static const float* widen(const void* x, int x_bf16, int64_t n, std::vector<float>& buf) {
+    if (!x_bf16) return static_cast<const float*>(x);
+    buf.resize(n);
+    const uint16_t* h = static_cast<const uint16_t*>(x);
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16(h[i]);
+    return buf.data();
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even
     uint32_t bits;
     std::memcpy(&bits, &f, sizeof bits);
     return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
+
+static void narrow(const float* y, uint16_t* out, int64_t n, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) out[i] = to_bf16(y[i]);
+}
+
+extern "C" {
+
+// y (R, N) = x (R, K) @ W.T for R <= 16 (more rows work, each tile of rows reading the weight again).
+void dsv2_int8_mm(const int8_t* q, const uint16_t* scale, const void* x, int x_bf16, void* y, int y_bf16, int64_t R,
+                  int64_t N, int64_t K, int nthreads) {
+    thread_local std::vector<float> xbuf, ybuf;
+    const float* xf = widen(x, x_bf16, R * K, xbuf);
+    if (y_bf16) ybuf.resize(R * N);
+    float* yf = y_bf16 ? ybuf.data() : static_cast<float*>(y);
+    int8_mm(q, scale, xf, yf, R, N, K, N, nthreads);
+    if (y_bf16) narrow(yf, static_cast<uint16_t*>(y), R * N, nthreads);
+}
+
+void dsv2_int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const void* x, int x_bf16, void* y,
+                  int y_bf16, int64_t R, int64_t N, int64_t K, int64_t G, int nthreads) {
+    thread_local std::vector<float> xbuf, ybuf;
+    const float* xf = widen(x, x_bf16, R * K, xbuf);
+    if (y_bf16) ybuf.resize(R * N);
+    float* yf = y_bf16 ? ybuf.data() : static_cast<float*>(y);
+    int4_mm(q, scale, zero, xf, yf, R, N, K, G, N, nthreads);
+    if (y_bf16) narrow(yf, static_cast<uint16_t*>(y), R * N, nthreads);
+}
+
+// Dequantize to bf16 (rounded to nearest even), for the many-row path: the dense GEMM then multiplies. Plain
+// loops over a row: the compiler vectorizes them, and they are bound by writing the output.
 
 void dsv2_int8_dequant(const int8_t* q, const uint16_t* scale, uint16_t* out, int64_t N, int64_t K, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)

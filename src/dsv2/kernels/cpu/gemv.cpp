@@ -105,6 +105,11 @@ constexpr int MR = 4, NR_MAX = 4;  // 16 accumulators of 32 registers
 constexpr int MR = 4, NR_MAX = 2;  // 8 of 16
 #endif
 
+// How many tiles ahead the kernels prefetch.
+#ifndef PF_TILES
+#define PF_TILES 1
+#endif
+
 // q: MR rows of K int8 (row stride K); x: NR rows of K floats (stride K); y[i * ldy + n]: row i, weight row n.
 template <int M, int NR>
 static inline void int8_tile(const int8_t* q, const uint16_t* scale, const float* x, int64_t K, float* y,
@@ -116,7 +121,7 @@ static inline void int8_tile(const int8_t* q, const uint16_t* scale, const float
         // The next tile's rows (this thread's next block, read after this one) from memory a tile ahead: the
         // hardware prefetcher alone left the int4 kernel at ~60% of the bandwidth the int8 one reached.
         if (k % 64 == 0)
-            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (M + m) * K + k);
+            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (PF_TILES * M + m) * K + k);
         V xv[NR];
         for (int i = 0; i < NR; ++i) xv[i] = vload(x + i * K + k);
         for (int m = 0; m < M; ++m) {
@@ -143,7 +148,7 @@ static inline void int4_tile(const uint8_t* q, const float* scale, const float* 
         Levels t[M];
         for (int m = 0; m < M; ++m) t[m] = levels(scale[m * groups + g], zero[m * groups + g]);
         if ((g * G / 2) % 64 == 0)  // the next tile's rows, a cache line at a time (see int8_tile)
-            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (M + m) * (K / 2) + g * G / 2);
+            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (PF_TILES * M + m) * (K / 2) + g * G / 2);
         for (int64_t k = g * G; k < (g + 1) * G; k += 32) {  // a block: weights k..k+15 low nibbles, k+16.. high
             for (int j = 0; j < 16; j += W) {
                 V xl[NR], xh[NR];

@@ -157,7 +157,7 @@ class LLM:
         quantized = any(isinstance(m, quant.QuantLinear | quant.QuantExperts) for m in self.model.modules())
         if quantized and compile:
             raise ValueError("compile=True is not supported with quantized weights yet: their products run "
-                             "eagerly through torch's int8/int4 kernels")
+                             "eagerly through dsv2's or torch's int8/int4 kernels")
         own_cpu_model = self.device.type == "cpu" and not isinstance(model, Transformer)
         # With quantized weights, what stays dense (embedding, norms, router, wkv_b) is read a row or a head
         # at a time: neither packing nor a column-major layout would pay.

@@ -225,7 +225,8 @@ class Int8Weight(QuantWeight):
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.q = weight.contiguous()
         self.shape = tuple(self.q.shape)
-        self.scale = scale.to(torch.bfloat16)  # torch's kernel takes scales in the activations' dtype; so does ours
+        # torch's kernel takes scales in the activations' dtype; so does ours (contiguous: it reads raw pointers)
+        self.scale = scale.to(torch.bfloat16).contiguous()
         self.native = native.available() and self.shape[1] % native.INT8_K_MULTIPLE == 0
 
     def _kernel(self, x_bf16: torch.Tensor) -> torch.Tensor:
@@ -287,7 +288,8 @@ class Int4BlockWeight(QuantWeight):
             raise ValueError(f"int4 rows of {2 * half} weights in groups of {group_size}: more than the kernel's "
                              f"{native.INT4_MAX_GROUPS} groups")
         self.shape, self.group_size = (n, 2 * half), group_size
-        self.packed, self.scale, self.zero = packed, scale, zero
+        # contiguous: the kernel reads raw pointers
+        self.packed, self.scale, self.zero = packed.contiguous(), scale.contiguous(), zero.contiguous()
 
     def _native(self, x: torch.Tensor) -> torch.Tensor:
         return native.int4_mm(x, self.packed, self.scale, self.zero, self.group_size)

@@ -106,6 +106,13 @@ def test_dequantize_to_bf16_matches_reference(lib) -> None:
         torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding
 
 
+def test_vector_width_names_the_build() -> None:
+    assert native.open_library(native.build(VARIANTS["scalar"])).dsv2_vector_width() == 1
+    if _cpu_has("avx2") and _cpu_has("fma"):
+        assert native.open_library(native.build(VARIANTS["avx2"])).dsv2_vector_width() == 8
+    assert native.library().dsv2_vector_width() == (16 if _cpu_has("avx512f") else 8 if _cpu_has("avx2") else 1)
+
+
 def test_int4_block_layout_round_trips() -> None:
     values = torch.randint(0, 16, (3, 5, 64), dtype=torch.uint8)
     packed = native.int4_blocks(values)
@@ -117,8 +124,8 @@ def test_int4_block_layout_round_trips() -> None:
 def test_weights_use_the_kernels_when_built_and_torchs_without() -> None:
     w = torch.randn(64, 128)
     assert quant.runtime_weights(quant.quantize(w, Scheme("int8")), Scheme("int8")).native
-    assert isinstance(quant.runtime_weights(quant.quantize(w, Scheme("int4")), Scheme("int4")),
-                      quant.Int4BlockWeight)
+    int4 = quant.runtime_weights(quant.quantize(w, Scheme("int4")), Scheme("int4"))
+    assert isinstance(int4, quant.Int4BlockWeight if native.int4_preferred() else quant.Int4Weight)
     code = ("import torch; from dsv2.kernels import native, quant; from dsv2.kernels.quant import Scheme;"
             "w = torch.randn(64, 128); s = Scheme('int4');"
             "print(native.available(), type(quant.runtime_weights(quant.quantize(w, s), s)).__name__)")

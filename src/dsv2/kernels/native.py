@@ -92,6 +92,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.dsv2_int4_dequant.argtypes = [p, p, p, p, i, i, i, ctypes.c_int]
     for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant):
         f.restype = None
+    lib.dsv2_vector_width.argtypes, lib.dsv2_vector_width.restype = [], ctypes.c_int
     return lib
 
 
@@ -109,6 +110,16 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def int4_preferred() -> bool:
+    """Whether int4 weights should use these kernels rather than torch's. Only the AVX-512 build (a 16-entry
+    permute dequantizes a group's nibbles) was measured faster than torch's int4 kernel (benchmarks/quant.py);
+    the AVX2 code, timed on an AVX-512 machine, was slower than torch's kernel there (0.34 against 0.23 ms at one
+    row), and no AVX2-only machine has measured both yet. int8 uses these kernels on every build: even the AVX2
+    code beat torch's (0.35 against 0.58 ms)."""
+    lib = library()
+    return lib is not None and lib.dsv2_vector_width() >= 16
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:

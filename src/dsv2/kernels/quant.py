@@ -13,7 +13,8 @@ int8 `weight` (N, K); or uint8 `weight` (N, K / 2), two values per byte, the eve
 with fp32 `weight_scale` (N,) or (N, K / group) and, for asymmetric int4, `weight_zero` (N, K / group).
 
 Products (measured in benchmarks/quant.py): up to `native.MAX_ROWS` rows, dsv2's own kernels (kernels/native.py:
-each weight read once for all rows) where they build, int4 then held in their block layout (`Int4BlockWeight`).
+each weight read once for all rows) where they build -- for int4 only where they were measured faster
+(`native.int4_preferred`), int4 then held in their block layout (`Int4BlockWeight`).
 Otherwise torch's CPU kernels, `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`, on bf16
 activations (fp32 ones were 10x slower); their cost grows linearly with the rows (each row streams the weight
 again). Past `KERNEL_MAX_ROWS` rows (prefill, the busy experts of a large batch) the weight is dequantized once
@@ -346,7 +347,7 @@ def runtime_weights(qt: QuantizedTensor, scheme: Scheme) -> Any:  # noqa: ANN401
         if weight.dim() == 2:
             return Int8Weight(weight, scale)
         return [Int8Weight(w, s) for w, s in zip(weight.unbind(0), scale.unbind(0))]
-    if native.available():
+    if native.int4_preferred():
         packed = native.int4_blocks(unpack_int4(qt.weight))
         scale = qt.scale.to(torch.bfloat16)
         zero = torch.zeros_like(scale) if qt.zero is None else qt.zero.to(torch.bfloat16)

@@ -281,6 +281,9 @@ static void narrow(const float* y, uint16_t* out, int64_t n, int nthreads) {
 
 extern "C" {
 
+// Floats per vector of this build: 16 (AVX-512), 8 (AVX2), 1 (portable).
+int dsv2_vector_width() { return W; }
+
 // y (R, N) = x (R, K) @ W.T for R <= 16 (more rows work, each tile of rows reading the weight again).
 void dsv2_int8_mm(const int8_t* q, const uint16_t* scale, const void* x, int x_bf16, void* y, int y_bf16, int64_t R,
                   int64_t N, int64_t K, int nthreads) {

@@ -48,7 +48,7 @@ from torch import nn
 from dsv2 import LLM, Tokenizer, load
 from dsv2.default_model import default_model_dir
 from dsv2.eval.commands import heldout_tokens
-from dsv2.eval.perplexity import windows
+from dsv2.eval.perplexity import window_batch, windows
 from dsv2.eval.tasks import arithmetic_accuracy
 from dsv2.kernels import quant
 from dsv2.kernels.quant import Scheme
@@ -91,14 +91,8 @@ def window_nll(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, 
     out = []
     for i in range(0, len(spans), BATCH):
         part = spans[i:i + BATCH]
-        T = max(end - start for start, end, _ in part)
-        ids_BT = torch.zeros(len(part), T, dtype=torch.long)
-        attn_BT = torch.zeros(len(part), T, dtype=torch.long)
-        targets_BT = torch.full((len(part), T), -100, dtype=torch.long)
-        for b, (start, end, first) in enumerate(part):
-            ids_BT[b, :end - start] = ids[start:end]
-            attn_BT[b, :end - start] = 1
-            targets_BT[b, first - start - 1:end - start] = ids[first:end + 1]
+        ids_BT, attn_BT, targets_BT = window_batch(ids, part)
+        T = ids_BT.shape[1]
         logits = model(ids_BT, attention_mask=attn_BT).float()  # bf16 logits scored in fp32
         # per token over (rows, vocab) as dsv2.eval.perplexity does (a log-softmax over dim 1 of (B, V, T) logits
         # was off by 2.5e-5 of the mean NLL here), each window's sum in fp64

@@ -62,8 +62,10 @@ def perplexity(model: Transformer, token_ids: Sequence[int], window: int = 256, 
     return Perplexity(nll, count)
 
 
-def _score_batch(model: Transformer, tokens: torch.Tensor, spans: list[tuple[int, int, int]]) -> tuple[float, int]:
-    """Summed NLL and count of the scored targets of a few windows, right-padded into one batch."""
+def window_batch(tokens: torch.Tensor, spans: list[tuple[int, int, int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A few windows right-padded into one batch: input ids, attention mask and targets (B, T), the targets
+    -100 where a position is padding or not scored."""
     T = max(end - start for start, end, _ in spans)
     ids_BT = torch.zeros(len(spans), T, dtype=torch.long)
     attn_BT = torch.zeros(len(spans), T, dtype=torch.long)
@@ -72,6 +74,12 @@ def _score_batch(model: Transformer, tokens: torch.Tensor, spans: list[tuple[int
         ids_BT[b, :end - start] = tokens[start:end]
         attn_BT[b, :end - start] = 1
         targets_BT[b, first - start - 1:end - start] = tokens[first:end + 1]
+    return ids_BT, attn_BT, targets_BT
+
+
+def _score_batch(model: Transformer, tokens: torch.Tensor, spans: list[tuple[int, int, int]]) -> tuple[float, int]:
+    """Summed NLL and count of the scored targets of a few windows, right-padded into one batch."""
+    ids_BT, attn_BT, targets_BT = window_batch(tokens, spans)
     logits = model(ids_BT, attention_mask=attn_BT)
     nll = F.cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), ignore_index=-100, reduction="sum")
     return nll.item(), int((targets_BT != -100).sum())

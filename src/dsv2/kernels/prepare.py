@@ -4,12 +4,13 @@ of wkv_b, contiguous in fp32, and the router's weight in fp32. The engine applie
 The absorbed blocks:
 `KVUp.blocks` returns views of the checkpoint's (nh * (dn + dv), dc) weight: W_UK with a batch stride twice its
 size and W_UV transposed. torch's CPU bmm copies such operands to contiguous ones on every call, and in bf16 is
-slow even without the copy: on V2-Lite the two products cost ~4.8 ms per layer and step (benchmarks/quant.py's
-decode profile: ~130 ms of a ~300 ms int4 token), against ~0.16 ms from contiguous fp32 blocks. The blocks take
-fp32 copies of 1/60 of V2-Lite's weights (226 MB); the weight itself stays for the naive (prefill) path.
+slow even without the copy: on V2-Lite the two products cost ~4.8 ms per layer and step (an ad hoc torch.profiler
+run of int4 decode: ~130 ms of a ~300 ms token), against ~0.16 ms from contiguous fp32 blocks (an ad hoc timing of
+the two bmms). The blocks are fp32 copies of 57M parameters (0.4% of V2-Lite's; 0.21 GiB); the weight itself
+stays for the naive (prefill) path.
 
 The router: it scores in fp32 (as the reference does), so a bf16 router weight was cast to fp32 on every call:
-26 copies of 64 x 2048 per V2-Lite token (~4.5 ms). Held in fp32 once, the cast is a no-op and the scores are
+26 copies of 64 x 2048 per V2-Lite token (~4.5 ms in the same profile). Held in fp32 once, the cast is a no-op and the scores are
 the same bits.
 """
 

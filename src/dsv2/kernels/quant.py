@@ -404,7 +404,7 @@ class QuantExperts(nn.Module):
 
 def targets(model: nn.Module, scheme: Scheme) -> dict[str, Scheme]:
     """The modules to quantize and each one's scheme: every bias-free projection but the attention's wkv_b (the
-    absorbed decode multiplies per-head slices of its dense weight; 1/60 of V2-Lite's weights) and every
+    absorbed decode multiplies per-head slices of its dense weight; 0.4% of V2-Lite's weights) and every
     routed-expert stack. The embedding, norms and router stay in the model dtype: the embedding is read one row
     per token, the router's few logits pick the experts."""
     out = {}

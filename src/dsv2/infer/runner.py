@@ -3,7 +3,9 @@
 All scheduled tokens run as one flat sequence of N tokens through the projections and experts. Attention
 splits them: single-token rows (decodes) attend through the absorbed weights straight over their latents,
 gathered from the paged cache by block table; each multi-token chunk (a prefill) decompresses keys and values
-of its own cached prefix plus new tokens and attends causally, unpadded. Only the rows that sample get logits.
+of its own cached prefix plus new tokens and attends causally, unpadded: at once when its context fits in one key
+block, block by block beyond (dsv2.infer.attention), so that long contexts run in bounded memory. Only the rows that
+sample get logits.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch._dynamo.exc
 import torch._inductor.exc
 
+from dsv2.infer.attention import KEY_BLOCK, chunk_attention
 from dsv2.infer.cache import PagedLatentCache
 from dsv2.infer.scheduler import Scheduled
 from dsv2.model import Transformer
@@ -37,7 +40,9 @@ class _Chunk:
     first_row: int
     n: int
     slots: torch.Tensor  # (1, ctx) the flat cache slots of its tokens 0 .. ctx - 1
-    mask: torch.Tensor | None  # (1, 1, n, ctx) bool; None when the chunk is the whole sequence (plain causal)
+    # (1, 1, n, ctx) bool for a chunk after the sequence's start that attends at once (ctx <= key_block); None when
+    # the chunk is the whole sequence (plain causal) or goes block by block (which masks only the diagonal blocks)
+    mask: torch.Tensor | None
 
 
 class PagedAttention:
@@ -45,8 +50,9 @@ class PagedAttention:
     block tables, the masks) is computed once here, not once per layer."""
 
     def __init__(self, cache: PagedLatentCache, slots: torch.Tensor, decode: _Decodes | None,
-                 chunks: list[_Chunk]) -> None:
+                 chunks: list[_Chunk], key_block: int = KEY_BLOCK) -> None:
         self.cache, self.slots, self.decode, self.chunks = cache, slots, decode, chunks
+        self.key_block = key_block
         self.num_decode = 0
         if decode is not None:
             self.num_decode = len(decode.ctx_lens)
@@ -72,6 +78,13 @@ class PagedAttention:
         # padding, and a full mask where a whole-sequence chunk can run as plain causal attention.
         for c in self.chunks:
             rows = slice(c.first_row, c.first_row + c.n)
+            ctx = c.slots.shape[1]
+            if ctx > self.key_block:  # block by block, each block's latents gathered only when it is attended
+                out[rows] = chunk_attention(
+                    attn, q_nope[rows], q_pe[rows],
+                    lambda k0, k1: self.cache.gather(layer, c.slots[:, k0:k1], q_nope.dtype)[0],  # (k1 - k0, W)
+                    ctx, self.key_block)
+                continue
             latent = self.cache.gather(layer, c.slots, q_nope.dtype)  # (1, ctx, W)
             out[rows] = attn.attend_naive(q_nope[None, rows], q_pe[None, rows], latent[..., : attn.kv_rank],
                                           latent[..., attn.kv_rank :], c.mask)[0]
@@ -101,11 +114,13 @@ _COMPILER_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache, compile_decode: bool = False) -> None:
+    def __init__(self, model: Transformer, cache: PagedLatentCache, compile_decode: bool = False,
+                 key_block: int = KEY_BLOCK) -> None:
         """compile_decode: run decode-only steps through one torch.compile'd graph of the whole model (steps
         with prefill tokens run eagerly). The first step of batch size 1, and the first of 2 or more, compile
-        (seconds to minutes); later ones skip the ~2,000 per-op dispatches of an eager decode step."""
-        self.model, self.cache = model, cache
+        (seconds to minutes); later ones skip the ~2,000 per-op dispatches of an eager decode step. key_block: a
+        prefill chunk whose context is longer attends block by block over that many keys at a time."""
+        self.model, self.cache, self.key_block = model, cache, key_block
         self.device = next(model.parameters()).device
         self._compiled = (torch.compile(model.hidden_states, dynamic=True, fullgraph=True)
                           if compile_decode else None)
@@ -142,7 +157,7 @@ class ModelRunner:
             slots += [s.seq.blocks[i // bs] * bs + i % bs for i in p]
         dev = self.device
         backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._decodes(decodes),
-                                 self._chunks(prefills, first_row=len(decodes)))
+                                 self._chunks(prefills, first_row=len(decodes)), self.key_block)
         ids_t, pos_t = torch.tensor([ids], device=dev), torch.tensor([pos], device=dev)
         if compiled:
             try:
@@ -170,7 +185,7 @@ class ModelRunner:
             table = torch.tensor([s.seq.blocks[: -(-ctx // self.cache.block_size)]], device=dev)
             slots = self.cache.slots_of(table)[:, :ctx]
             mask = None
-            if s.start:  # queries ctx - n .. ctx - 1 over keys 0 .. ctx - 1
+            if s.start and ctx <= self.key_block:  # queries ctx - n .. ctx - 1 over keys 0 .. ctx - 1
                 key_pos = torch.arange(ctx, device=dev)
                 mask = (key_pos[None, :] <= torch.arange(s.start, ctx, device=dev)[:, None])[None, None]
             chunks.append(_Chunk(first_row, n, slots, mask))

@@ -44,15 +44,23 @@ SEED ?= 1
 SFT_ARGS  ?= --steps 300 --batch-size 16 --lr 3e-4
 GRPO_ARGS ?= --steps 1000 --prompts-per-step 16 --group-size 8 --lr 5e-5 --temperature 0.7
 EVAL := $(PY) -m dsv2.cli eval --arith 500 --ppl-text $(DATA)/validation-text.jsonl $(DATA)/stdlib-heldout.jsonl
+# needle in a haystack up to 8,192 tokens (the heatmap lands beside each eval JSON) and the loss by position
+LONG_EVAL := --needle --loss-by-position $(DATA)/stdlib-heldout.jsonl
 tiny-model: install
 	$(PY) -m dsv2.train.tasks $(DATA) --train 60000 --rl 3000 --stdlib
 	$(PY) -m dsv2.cli train --config recipes/tiny.toml --train.out_dir=$(TINY)/pretrain --train.seed=$(SEED) \
 		--data.paths='["$(DATA)/stdlib.jsonl", "$(DATA)/train-text.jsonl"]'
-	$(EVAL) --model $(TINY)/pretrain/final --arith-format text --out $(TINY)/eval-pretrain.json
-	$(PY) -m dsv2.cli sft --model $(TINY)/pretrain/final --data $(DATA)/train-sft.jsonl --out $(TINY)/sft $(SFT_ARGS)
+	$(EVAL) --model $(TINY)/pretrain/final --arith-format text $(LONG_EVAL) --out $(TINY)/eval-pretrain.json
+	$(PY) -m dsv2.train.longdocs $(DATA) --tokenizer $(TINY)/pretrain/final --mix-with $(DATA)/train-text.jsonl
+	$(PY) -m dsv2.cli train --config recipes/tiny-long.toml --train.out_dir=$(TINY)/long --train.seed=$(SEED) \
+		--model.config=$(TINY)/pretrain/final --model.init_from=$(TINY)/pretrain/final \
+		--data.tokenizer=$(TINY)/pretrain/final \
+		--data.paths='["$(DATA)/long-stdlib.jsonl", "$(DATA)/long-needles.jsonl", "$(DATA)/train-text.jsonl"]'
+	$(EVAL) --model $(TINY)/long/final --arith-format text $(LONG_EVAL) --out $(TINY)/eval-long.json
+	$(PY) -m dsv2.cli sft --model $(TINY)/long/final --data $(DATA)/train-sft.jsonl --out $(TINY)/sft $(SFT_ARGS)
 	$(EVAL) --model $(TINY)/sft/final --out $(TINY)/eval-sft.json
 	$(PY) -m dsv2.cli grpo --model $(TINY)/sft/final --data $(DATA)/rl-grpo.jsonl --out $(TINY)/grpo $(GRPO_ARGS)
-	$(EVAL) --model $(TINY)/grpo/final --humaneval --out $(TINY)/eval-grpo.json
+	$(EVAL) --model $(TINY)/grpo/final --humaneval $(LONG_EVAL) --out $(TINY)/eval-grpo.json
 
 SHIPPED := src/dsv2/assets/dsv2-tiny
 ship:

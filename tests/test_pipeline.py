@@ -1,5 +1,5 @@
 """The whole recipe at minute scale, as `make tiny-model` runs it at full scale: data -> tokenizer + pretrain
--> SFT -> GRPO -> eval -> serve through the engine. Each stage's output must load in the next."""
+-> context extension -> SFT -> GRPO -> eval -> serve through the engine. Each stage's output must load in the next."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from dsv2 import LLM, SamplingParams, load
 from dsv2.cli import main
+from dsv2.train.longdocs import main as longdocs_main
 from dsv2.train.tasks import main as tasks_main
 
 
@@ -23,7 +24,21 @@ def test_every_stage_feeds_the_next(tmp_path: Path, capsys: pytest.CaptureFixtur
                  "--train.checkpoint_every=3", "--optim.warmup_steps=1"]) == 0
     pre = runs / "pre" / "final"
     assert load(pre).cfg.num_hidden_layers == 4  # the tiny preset, in the HF layout
-    assert main(["sft", "--model", str(pre), "--data", str(data / "train-sft.jsonl"), "--out", str(runs / "sft"),
+    assert load(pre).cfg.rope_scaling is None  # plain RoPE until the extension
+    # The context extension: long documents (a small source tree's packages) plus retrieval documents, then the
+    # extension recipe from the pretrained checkpoint.
+    assert longdocs_main([str(data), "--tokenizer", str(pre), "--seq-len", "128", "--min-len", "96",
+                          "--stdlib-root", str(Path(json.__file__).parent),
+                          "--mix-with", str(data / "train-text.jsonl")]) == 0
+    long_recipe = Path(__file__).parents[1] / "recipes" / "tiny-long.toml"
+    assert main(["train", "--config", str(long_recipe), f"--model.config={pre}", f"--model.init_from={pre}",
+                 f"--data.tokenizer={pre}", f"--train.out_dir={runs / 'long'}",
+                 f"--data.paths={json.dumps([str(data / n) for n in ('long-stdlib.jsonl', 'long-needles.jsonl')])}",
+                 "--train.steps=2", "--train.batch_size=2", "--train.micro_batch_size=2", "--data.seq_len=128",
+                 "--optim.warmup_steps=1"]) == 0
+    long = runs / "long" / "final"
+    assert load(long).cfg.rope_scaling.factor == 32 and load(long).cfg.max_position_embeddings == 8192
+    assert main(["sft", "--model", str(long), "--data", str(data / "train-sft.jsonl"), "--out", str(runs / "sft"),
                  "--steps", "2", "--batch-size", "4"]) == 0
     assert main(["grpo", "--model", str(runs / "sft" / "final"), "--data", str(data / "rl-grpo.jsonl"),
                  "--out", str(runs / "grpo"), "--steps", "1", "--group-size", "2", "--prompts-per-step", "2",

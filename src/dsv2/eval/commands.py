@@ -1,4 +1,5 @@
-"""`dsv2 eval`: perplexity, arithmetic exact-match and HumanEval pass@1 of one checkpoint, printed as JSON."""
+"""`dsv2 eval`: perplexity, arithmetic exact-match, HumanEval pass@1 and the long-context measures (needle in a
+haystack, loss by position) of one checkpoint, printed as JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dsv2.eval.needle import DEFAULT_DEPTHS, DEFAULT_LENGTHS
 from dsv2.eval.tasks import ARITH_FORMATS
 
 
@@ -26,6 +28,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="chat: a user turn (fine-tuned models); text: plain completion (base models)")
     p.add_argument("--humaneval", action="store_true", help="HumanEval pass@1 (greedy; runs generated code)")
     p.add_argument("--humaneval-limit", type=int, default=None, metavar="K", help="only the first K problems")
+    p.add_argument("--needle", action="store_true",
+                   help="needle in a haystack over --needle-lengths x --needle-depths (dsv2.eval.needle)")
+    p.add_argument("--needle-lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), metavar="T",
+                   help="prompt lengths in tokens; beyond the checkpoint's context they are extrapolated")
+    p.add_argument("--needle-depths", type=int, default=DEFAULT_DEPTHS, metavar="K",
+                   help="K depths evenly from the first line (0%%) to just before the question (100%%)")
+    p.add_argument("--needle-n", type=int, default=4, metavar="N", help="fresh needles per cell")
+    p.add_argument("--needle-seed", type=int, default=0)
+    p.add_argument("--needle-filler", default=None, metavar="FILE",
+                   help="held-out filler: JSONL 'text' documents or a text file (default: the stdlib's test "
+                        "suites, which pretraining leaves out)")
+    p.add_argument("--needle-plot", default=None, metavar="PNG",
+                   help="the heatmap (default: beside --out, its name with .needle.png, when --out is given)")
+    p.add_argument("--loss-by-position", default=None, metavar="FILE",
+                   help="held-out documents (JSONL 'text' or a text file) for the loss at each position")
+    p.add_argument("--loss-by-position-length", type=int, default=8192, metavar="T",
+                   help="tokens read from each document that has at least that many")
     p.add_argument("--max-tokens", type=int, default=256, help="generation limit for the generated tasks")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", choices=("int8", "int4"), default=None,
@@ -60,14 +79,49 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                     | {"split": args.arith_split})
         if args.humaneval:
             result["humaneval"] = humaneval_pass_at_1(llm, humaneval_problems(args.humaneval_limit), args.max_tokens)
+    if args.needle or args.loss_by_position:
+        result |= long_context(args, model_dir)
     return result
 
 
-def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
-    """A file's token ids: plain text encoded whole, or a JSONL file's 'text' documents each encoded as the
-    pretraining loader does (BOS per the tokenizer config, EOS after each)."""
+def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    import torch
+
+    from dsv2 import LLM, Tokenizer, load
+    from dsv2.eval import needle
+    from dsv2.train.longdocs import Filler
+    from dsv2.train.tasks import stdlib_files
+
+    out: dict[str, Any] = {}
+    tok = Tokenizer.from_dir(model_dir)
+    model = load(model_dir, dtype=getattr(torch, args.dtype))
+    context = model.cfg.max_position_embeddings
+    if args.needle:
+        if args.needle_filler:
+            texts = documents(Path(args.needle_filler))
+        else:
+            texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(tests=True)]
+        positions = needle.n_positions_needed(args.needle_lengths)
+        llm = LLM(needle.with_context(model, positions), tokenizer=tok, quantization=args.quantization,
+                  max_model_len=positions)
+        grid = needle.needle_grid(llm, Filler(texts, tok), args.needle_lengths,
+                                  needle.depth_grid(args.needle_depths), args.needle_n, args.needle_seed, context)
+        plot = args.needle_plot or (str(Path(args.out).with_suffix(".needle.png")) if args.out else None)
+        if plot:
+            grid["plot"] = str(needle.plot_grid(grid, plot, f"{model_dir.name}: {100 * grid['overall']:.1f}% "
+                                                f"retrieved (context {context:,})"))
+        out["needle"] = grid
+    if args.loss_by_position:
+        ids = tok.encode_batch(documents(Path(args.loss_by_position)), add_eos=False)
+        out["loss_by_position"] = needle.loss_by_position(model, ids, args.loss_by_position_length)
+        out["loss_by_position"]["context"] = context
+    return out
+
+
+def documents(path: Path) -> list[str]:
+    """A JSONL file's 'text' documents, or a text file as one document."""
     if path.suffix != ".jsonl":
-        return tokenizer.encode(path.read_text(encoding="utf-8"))
+        return [path.read_text(encoding="utf-8")]
     from dsv2.train.tasks import read_jsonl
 
     texts = []
@@ -75,14 +129,23 @@ def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
         if not isinstance(record.get("text"), str):
             raise SystemExit(f"error: {path} line {i + 1} has no string 'text' field")
         texts.append(record["text"])
-    return [i for doc in tokenizer.encode_batch(texts, add_eos=True) for i in doc]
+    return texts
+
+
+def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
+    """A file's token ids: plain text encoded whole, or a JSONL file's 'text' documents each encoded as the
+    pretraining loader does (BOS per the tokenizer config, EOS after each)."""
+    if path.suffix != ".jsonl":
+        return tokenizer.encode(path.read_text(encoding="utf-8"))
+    return [i for doc in tokenizer.encode_batch(documents(path), add_eos=True) for i in doc]
 
 
 def run_eval(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"error: {args.model} is not a checkpoint directory (no config.json)")
-    if not (args.ppl_text or args.arith or args.humaneval):
-        raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N and/or --humaneval")
+    if not (args.ppl_text or args.arith or args.humaneval or args.needle or args.loss_by_position):
+        raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N, --humaneval, --needle "
+                         "and/or --loss-by-position")
     text = json.dumps(evaluate(args), indent=2)
     sys.stdout.write(text + "\n")
     if args.out:

@@ -108,7 +108,8 @@ def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                                   needle.depth_grid(args.needle_depths), args.needle_n, args.needle_seed, context)
         plot = args.needle_plot or (str(Path(args.out).with_suffix(".needle.png")) if args.out else None)
         if plot:
-            grid["plot"] = str(needle.plot_grid(grid, plot, f"{model_dir.name}: {100 * grid['overall']:.1f}% "
+            name = "/".join(model_dir.resolve().parts[-2:])  # runs/tiny/long/final -> long/final
+            grid["plot"] = str(needle.plot_grid(grid, plot, f"{name}: {100 * grid['overall']:.1f}% "
                                                 f"retrieved (context {context:,})"))
         out["needle"] = grid
     if args.loss_by_position:

@@ -166,6 +166,10 @@ def test_dsv2_eval_needle_writes_the_grid_and_its_heatmap(tmp_path: Path, capsys
     assert main(["eval", "--model", str(ckpt), "--needle", "--needle-lengths", "4",
                  "--needle-filler", str(held_out)]) == 2
     assert "no room for filler" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x = 1"}\n{"txt": 2}\n')
+    assert main(["eval", "--model", str(ckpt), "--needle", "--needle-filler", str(bad)]) == 2
+    assert f"{bad}:2: expected an object with a string 'text' field" in capsys.readouterr().err
 
 
 def test_the_extension_recipe_writes_yarn_and_trains_from_the_pretrained_weights(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from dsv2.eval.needle import DEFAULT_DEPTHS, DEFAULT_LENGTHS
 from dsv2.eval.tasks import ARITH_FORMATS
+from dsv2.train.data import documents
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -98,7 +99,7 @@ def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     context = model.cfg.max_position_embeddings
     if args.needle:
         if args.needle_filler:
-            texts = documents(Path(args.needle_filler))
+            texts = list(documents(Path(args.needle_filler)))
         else:
             texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(tests=True)]
         positions = needle.n_positions_needed(args.needle_lengths)
@@ -113,24 +114,10 @@ def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                                                 f"retrieved (context {context:,})"))
         out["needle"] = grid
     if args.loss_by_position:
-        ids = tok.encode_batch(documents(Path(args.loss_by_position)), add_eos=False)
+        ids = tok.encode_batch(list(documents(Path(args.loss_by_position))), add_eos=False)
         out["loss_by_position"] = needle.loss_by_position(model, ids, args.loss_by_position_length)
         out["loss_by_position"]["context"] = context
     return out
-
-
-def documents(path: Path) -> list[str]:
-    """A JSONL file's 'text' documents, or a text file as one document."""
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
-    from dsv2.train.tasks import read_jsonl
-
-    texts = []
-    for i, record in enumerate(read_jsonl(path)):
-        if not isinstance(record.get("text"), str):
-            raise SystemExit(f"error: {path} line {i + 1} has no string 'text' field")
-        texts.append(record["text"])
-    return texts
 
 
 def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
@@ -138,7 +125,7 @@ def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
     pretraining loader does (BOS per the tokenizer config, EOS after each)."""
     if path.suffix != ".jsonl":
         return tokenizer.encode(path.read_text(encoding="utf-8"))
-    return [i for doc in tokenizer.encode_batch(documents(path), add_eos=True) for i in doc]
+    return [i for doc in tokenizer.encode_batch(list(documents(path)), add_eos=True) for i in doc]
 
 
 def run_eval(args: argparse.Namespace) -> int:

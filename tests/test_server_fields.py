@@ -141,11 +141,18 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tok
 COMPLETION = {"model": NAME, "prompt": "Hi", "max_tokens": 2}
 REFUSED = [
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
-     "tool calls are not supported"),
-    ("chat", {"tool_choice": "required"}, "tool_choice", "tool calls are not supported"),
-    ("chat", {"functions": [{"name": "f"}]}, "functions", "tool calls are not supported"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format", "structured output"),
-    ("text", {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", "structured output"),
+     "no tool-call tokens"),
+    ("chat", {"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, "tool_choice", "not one of the tools"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions", "legacy functions API"),
+    ("chat", {"response_format": {"type": "json_schema"}}, "response_format", "json_schema is required"),
+    ("text", {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format.json_schema.name",
+     "required"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format", "Invalid type"),
+    ("text", {"guided_regex": "[a-", "guided_choice": ["a"]}, "guided_regex", "only one of"),
+    ("text", {"guided_grammar": "root ::= x"}, "guided_grammar", "not supported"),
     ("text", {"suffix": "return x"}, "suffix", "fill-in-the-middle"),
     ("chat", {"max_token": 5}, "max_token", "did you mean 'max_tokens'"),
     ("text", {"temprature": 0}, "temprature", "did you mean 'temperature'"),
@@ -159,7 +166,10 @@ REFUSED = [
     ("chat", {"stop_token_ids": [-1]}, "stop_token_ids", "greater than or equal to 0"),
     ("chat", {"ignore_eos": "yes"}, "ignore_eos", "boolean"),
     ("chat", {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
-     "messages.0.tool_calls", "tool calls are not supported"),
+     "messages.0.tool_calls.0.function", "required"),
+    ("chat", {"messages": [{"role": "tool", "content": "3", "tool_call_id": "c"}]}, "messages",
+     "no tool-call tokens"),
+    ("chat", {"messages": [{"role": "user", "content": None}]}, "messages.0", "content is required"),
 ]
 
 
@@ -175,10 +185,10 @@ def test_unimplemented_or_invalid_field_is_a_400_naming_it(port: int, kind: str,
 
 
 def test_refusals_through_the_openai_client(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="tools: tool calls are not supported by dsv2"):
+    with pytest.raises(openai.BadRequestError, match="tools: this model's tokenizer has no tool-call tokens"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], tools=[
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
-    with pytest.raises(openai.BadRequestError, match="suffix: fill-in-the-middle"):
+    with pytest.raises(openai.BadRequestError, match="suffix: this model's tokenizer has no fill-in-the-middle"):
         client.completions.create(model=NAME, prompt="def f(", suffix="    return x", max_tokens=2)
 
 

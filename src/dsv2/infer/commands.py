@@ -54,7 +54,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="complete a prompt with a model, streaming the output")
     _model_args(gen)
     gen.add_argument("--prompt", required=True, help="the text to complete")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    mode.add_argument("--suffix", default=None,
+                      help="fill in the middle: the prompt is the text before the hole, this the text after it "
+                           "(a model with FIM tokens, such as DeepSeek-Coder-V2)")
     _sampling_args(gen)
     gen.set_defaults(func=run_generate)
 
@@ -167,6 +171,10 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
+    elif args.suffix is not None:
+        if not llm.tokenizer.supports_fim:
+            raise SystemExit(f"error: --suffix: {_model_dir(args)}'s tokenizer has no fill-in-the-middle tokens")
+        prompt = llm.tokenizer.fim_prompt(args.prompt, args.suffix)
     outputs = _stream(llm, prompt, params, sys.stdout)  # Ctrl-C: cli.main exits with 130
     sys.stdout.write("\n")
     for extra in outputs[1:]:

@@ -29,6 +29,7 @@ from dsv2.default_model import default_model_dir
 from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2.infer.blocks import BlockAllocator
 from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
+from dsv2.infer.grammar import Constraints
 from dsv2.infer.runner import ModelRunner, transpose_weights_for_gemv_
 from dsv2.infer.sampling import SamplerInput, SamplingParams, TokenLogprob, generation_defaults, sample
 from dsv2.infer.scheduler import Scheduled, Scheduler
@@ -90,6 +91,7 @@ class _SeqState:
     out: CompletionOutput
     generator: torch.Generator | None
     decoder: StreamDecoder | None
+    matcher: Any = None  # llguidance matcher of the request's grammar, advanced token by token
     full_text: str = ""  # detokenized so far, before any stop-string trimming or hold-back
 
 
@@ -212,15 +214,18 @@ class LLM:
         self._rng = random.Random()
         self._failed_in_a_row = 0
         self.failed_steps = 0
+        self._constraints: Constraints | None = None  # built on the first request with a grammar
 
     # ---------------------------------------------------------------- incremental API
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
-                    ) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    suffix: str | None = None) -> str:
+        """suffix: fill in the middle; the prompt (a string) is the text before the hole, `suffix` the text after
+        it, and the completion is the middle (needs a tokenizer with FIM tokens, as Coder-V2's has)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._request_ids))
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
+        text, ids = self._tokenize(prompt, suffix)
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -229,13 +234,14 @@ class LLM:
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token ids outside the vocabulary [0, {self.cfg.vocab_size}): {bad[:5]}")
+        matchers = [self._matcher(params) for _ in range(params.n)]  # an invalid grammar fails here, whole
         request = _Request(request_id, text, ids, params)
         for index in range(params.n):
             seq = SchedSeq(next(self._seq_ids), list(ids), len(ids))
             self.scheduler.add(seq)
             decoder = StreamDecoder(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
             out = CompletionOutput(index, "", [], logprobs=[] if params.logprobs is not None else None)
-            state = _SeqState(seq, request, out, self._generator(params, index), decoder)
+            state = _SeqState(seq, request, out, self._generator(params, index), decoder, matchers[index])
             request.seqs.append(state)
             self._states[seq.seq_id] = state
         self._requests[request_id] = request
@@ -269,8 +275,9 @@ class LLM:
         sampled = [self._states[item.seq.seq_id] for item in batch if item.samples]
         try:
             logits = self.runner.run(batch)
-            rows = [SamplerInput(s.request.params, s.generator, s.request.prompt_ids, s.out.token_ids)
-                    for s in sampled]
+            allowed = self._allowed(sampled)
+            rows = [SamplerInput(s.request.params, s.generator, s.request.prompt_ids, s.out.token_ids, a)
+                    for s, a in zip(sampled, allowed)]
             tokens, logprobs = sample(logits, rows)
         except Exception as e:  # noqa: BLE001 -- contained: only this step's requests fail
             return self._fail(batch, e)
@@ -308,14 +315,20 @@ class LLM:
 
     # ---------------------------------------------------------------- batch API
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
-                 = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion, batched continuously; outputs in order."""
+                 = None, use_tqdm: bool = False, suffix: str | Sequence[str] | None = None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion, batched continuously; outputs in order.
+
+        suffix (one string, or one per prompt): fill in the middle, each prompt being the text before the hole
+        and its suffix the text after it; the completions are the middles."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        suffixes = [suffix] * len(prompts) if suffix is None or isinstance(suffix, str) else list(suffix)
+        if len(suffixes) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(suffixes)} suffixes")
+        ids = [self.add_request(p, sp, suffix=sf) for p, sp, sf in zip(prompts, params_list, suffixes)]
         return self._run_to_completion(ids, use_tqdm)
 
     def warm_up(self) -> None:
@@ -371,7 +384,11 @@ class LLM:
         }
 
     # ---------------------------------------------------------------- internals
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: Prompt, suffix: str | None = None) -> tuple[str | None, list[int]]:
+        if suffix is not None:
+            if not isinstance(prompt, str) or not isinstance(suffix, str):
+                raise ValueError("fill-in-the-middle takes the prefix and the suffix as strings")
+            return prompt, self._require_tokenizer().fim_prompt(prompt, suffix)
         if isinstance(prompt, str):
             return prompt, self._require_tokenizer().encode(prompt)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -383,6 +400,30 @@ class LLM:
             raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): pass token ids, "
                              "or LLM(..., tokenizer=PATH)")
         return self.tokenizer
+
+    def check_grammar(self, params: SamplingParams) -> None:
+        """Compile the request's grammar (cached) now: ValueError naming the problem if it is invalid."""
+        self._matcher(params)
+
+    def _matcher(self, params: SamplingParams) -> Any:  # noqa: ANN401 (an llguidance matcher)
+        if params.grammar is None:
+            return None
+        if self._constraints is None:
+            tokenizer = self._require_tokenizer()
+            self._constraints = Constraints(tokenizer.backend.to_str(), self.cfg.vocab_size, sorted(self.eos_ids))
+        return self._constraints.matcher(params.grammar)
+
+    def _allowed(self, sampled: list[_SeqState]) -> list[torch.Tensor | None]:
+        """Each constrained row's allowed next tokens (one parallel mask computation); None for the others."""
+        constrained = [s for s in sampled if s.matcher is not None]
+        if not constrained:
+            return [None] * len(sampled)
+        masks = iter(self._constraints.masks([s.matcher for s in constrained]))
+        allowed = [next(masks) if s.matcher is not None else None for s in sampled]
+        for s, a in zip(sampled, allowed):
+            if a is not None and not a.any():  # cannot happen for a matcher that only consumed allowed tokens
+                raise RuntimeError(f"the grammar allows no next token: {s.matcher.get_error() or 'no error'}")
+        return allowed
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.greedy:
@@ -401,8 +442,12 @@ class LLM:
         if state.decoder is not None:
             state.full_text += state.decoder.push(token)
         reason: tuple[str, str | int | None] | None = None
-        if token in self.eos_ids and not params.ignore_eos:
-            reason = ("stop", None)
+        if state.matcher is not None:
+            state.matcher.consume_token(token)
+        if token in self.eos_ids and (not params.ignore_eos or state.matcher is not None):
+            reason = ("stop", None)  # with a grammar, EOS is only allowed where the grammar may end
+        elif state.matcher is not None and state.matcher.is_stopped():
+            reason = ("stop", None)  # the grammar is complete: nothing but EOS could follow
         elif token in params.stop_token_ids:
             reason = ("stop", token)
         elif params.stop and (hit := _find_stop(state.full_text, params.stop, before)) is not None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from dsv2.infer.grammar import Grammar
+
 MAX_LOGPROBS = 20
 
 
@@ -39,6 +41,8 @@ class SamplingParams:
     # token id -> bias added to its logit before anything else (OpenAI's logit_bias; -100 bans, +100 forces).
     # Given as a dict or pairs; stored as (id, bias) pairs sorted by id, so that the params stay hashable.
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
+    # What the output must match (JSON schema, any JSON object, Lark, regex): a token mask at every step.
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +69,8 @@ class SamplingParams:
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        _require(self.grammar is None or isinstance(self.grammar, Grammar), "grammar", "a Grammar or None",
+                 self.grammar)
 
     @property
     def greedy(self) -> bool:
@@ -111,11 +117,13 @@ class SamplerInput:
     generator: torch.Generator | None  # None for greedy rows
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
+    allowed: torch.Tensor | None = None  # (vocab,) bool: the tokens the row's grammar allows now
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits (N, V) fp32 -> one token id per row, and its logprobs where asked."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+    logits = _apply_grammar(logits, rows)
     logits = _apply_logit_bias(logits, rows)
     logits = _apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1)
@@ -134,6 +142,16 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> tuple[list[int
         tokens[idx] = torch.where(probs > 0, probs / noise, -1.0).argmax(dim=-1)
     token_list = tokens.tolist()
     return token_list, _logprobs(logprobs, token_list, rows)
+
+
+def _apply_grammar(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> torch.Tensor:
+    """-inf for every token a row's grammar forbids; first, so that bias and penalties cannot revive one."""
+    constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not constrained:
+        return logits
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    allowed[constrained] = torch.stack([rows[i].allowed for i in constrained]).to(logits.device)
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplerInput]) -> torch.Tensor:

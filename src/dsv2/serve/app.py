@@ -9,6 +9,7 @@ then `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -26,7 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv2.infer import LLM, CompletionOutput, EngineDeadError, RequestOutput, SamplingParams
 from dsv2.serve.engine_loop import EngineLoop
 from dsv2.serve.metrics import Metrics
-from dsv2.serve.protocol import (ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage)
+from dsv2.serve import tools
+from dsv2.serve.protocol import (ChatCompletionRequest, CompletionRequest, NamedToolChoice, error_body, new_id, now,
+                                 usage)
 
 
 class APIError(Exception):
@@ -90,14 +93,14 @@ def create_app(llm: LLM, config: ServerConfig, on_fatal: Callable[[BaseException
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         _check_model(req.model, config)
-        tokenizer = _tokenizer(llm)
-        try:
-            prompt = tokenizer.apply_chat_template([m.model_dump() for m in req.messages],
-                                                   add_generation_prompt=True, tokenize=True)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
+        prompt = _chat_prompt(_tokenizer(llm), req)
         params = _params(req, llm, len(prompt), req.requested_max_tokens, req.num_logprobs, "messages")
-        job = _Job(engine, metrics, config, new_id("chatcmpl"), [prompt], params, req.model, "chat")
+        calling = bool(req.tools) and req.tool_choice != "none"
+        if calling:
+            params = _tool_params(req, params)
+        await _check_grammar(llm, params, "tools" if calling and params.grammar else _grammar_field(req))
+        job = _Job(engine, metrics, config, new_id("chatcmpl"), [prompt], params, req.model, "chat",
+                   parse_tools=calling)
         return await job.respond(request, req.stream,
                                  bool(req.stream_options and req.stream_options.include_usage))
 
@@ -105,7 +108,7 @@ def create_app(llm: LLM, config: ServerConfig, on_fatal: Callable[[BaseException
     async def completions(req: CompletionRequest, request: Request) -> Response:
         _check_model(req.model, config)
         given = req.prompts()
-        prompts = [_tokenizer(llm).encode(p) if isinstance(p, str) else p for p in given]
+        prompts = _completion_prompts(llm, given, req.suffix)
         if any(not p for p in prompts):
             raise APIError(400, "prompt is empty", param="prompt")
         bad = [t for p in prompts for t in p if not 0 <= t < llm.cfg.vocab_size]
@@ -113,6 +116,7 @@ def create_app(llm: LLM, config: ServerConfig, on_fatal: Callable[[BaseException
             raise APIError(400, f"token ids outside the vocabulary [0, {llm.cfg.vocab_size}): {bad[:5]}",
                            param="prompt")
         params = _params(req, llm, max(map(len, prompts)), req.max_tokens, req.logprobs, "prompt")
+        await _check_grammar(llm, params, _grammar_field(req))
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs asks for the prompt's logprobs, which dsv2 does not compute yet",
                            param="echo")
@@ -134,8 +138,11 @@ class _Job:
 
     def __init__(self, engine: EngineLoop, metrics: Metrics, config: ServerConfig, response_id: str,
                  prompts: list[list[int]], params: SamplingParams, model: str, kind: str, echo: bool = False,
-                 prompt_texts: list[str] | None = None) -> None:
+                 prompt_texts: list[str] | None = None, parse_tools: bool = False) -> None:
+        """parse_tools: the replies are decoded with special tokens and split into content and tool_calls."""
         self.engine, self.metrics, self.config = engine, metrics, config
+        self.parse_tools = parse_tools
+        self._parsers: dict[tuple[int, int], tools.StreamParser] = {}
         self.id, self.prompts, self.params, self.model, self.kind = response_id, prompts, params, model, kind
         self.echo, self.tokenizer = echo, engine.llm.tokenizer
         self.prompt_texts = prompt_texts or [""] * len(prompts)
@@ -252,10 +259,27 @@ class _Job:
         sent[key] = (len(out.text), len(out.token_ids))
         choice: dict[str, Any] = {"index": self._index(prompt, out.index), "finish_reason": out.finish_reason,
                                   "logprobs": self._logprobs(new_logprobs, prompt, text_from)}
+        if self.kind == "chat" and self.parse_tools:
+            return self._tool_delta(key, text, out, choice)
         if self.kind == "chat":
             choice["delta"] = {"content": text} if text else {}
         else:
             choice["text"] = text
+        return choice
+
+    def _tool_delta(self, key: tuple[int, int], text: str, out: CompletionOutput, choice: dict[str, Any]
+                    ) -> dict[str, Any] | None:
+        parser = self._parsers.setdefault(key, tools.StreamParser(self.tokenizer.eos_token))
+        done_before = parser.calls_sent
+        content, calls = parser.push(text, final=out.finish_reason is not None)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [c.openai(index=done_before + i) for i, c in enumerate(calls)]
+        if not delta and out.finish_reason is None:
+            return None
+        if out.finish_reason is not None and parser.called:
+            choice["finish_reason"] = "tool_calls"
+        choice["delta"] = delta
         return choice
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
@@ -275,7 +299,13 @@ class _Job:
             for o in final.outputs:
                 choice: dict[str, Any] = {"index": self._index(p, o.index), "finish_reason": o.finish_reason,
                                           "logprobs": self._logprobs(o.logprobs, p, 0)}
-                if self.kind == "chat":
+                if self.kind == "chat" and self.parse_tools:
+                    content, calls = tools.parse(o.text, self.tokenizer.eos_token)
+                    choice["message"] = {"role": "assistant", "content": content if content or not calls else None}
+                    if calls:
+                        choice["message"]["tool_calls"] = [c.openai() for c in calls]
+                        choice["finish_reason"] = "tool_calls"
+                elif self.kind == "chat":
                     choice["message"] = {"role": "assistant", "content": o.text}
                 else:
                     choice["text"] = (self.prompt_texts[p] if self.echo else "") + o.text
@@ -373,6 +403,69 @@ def _tokenizer(llm: LLM) -> Any:  # noqa: ANN401
     if llm.tokenizer is None:
         raise APIError(400, "the served model has no tokenizer; send token ids to /v1/completions", param="prompt")
     return llm.tokenizer
+
+
+def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:  # noqa: ANN401
+    messages = [m.for_template() for m in req.messages]
+    extra: dict[str, Any] = {}
+    history = any(m.tool_calls or m.role == "tool" for m in req.messages)
+    if req.tools or history:
+        why = tools.unsupported_reason(tokenizer)
+        if why is not None:
+            param = "tools" if req.tools else "messages"
+            raise APIError(400, f"{param}: {why}, so it cannot take {'tools' if req.tools else 'tool calls or results'}",
+                           param=param, code="tools_not_supported")
+    if req.tools:
+        messages, extra = tools.with_tools(tokenizer, messages, [t.model_dump(exclude_none=True) for t in req.tools])
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from e
+
+
+def _tool_params(req: ChatCompletionRequest, params: SamplingParams) -> SamplingParams:
+    """Tool calls are read from the special tokens, so those stay in the text; a required or named call is
+    forced by a grammar over the tools' parameter schemas."""
+    choice = req.tool_choice
+    params = dataclasses.replace(params, skip_special_tokens=False)
+    if choice not in ("required",) and not isinstance(choice, NamedToolChoice):
+        return params
+    if params.grammar is not None:
+        raise APIError(400, "tool_choice: a required or named tool_choice already fixes the output; it cannot be "
+                       "combined with response_format or guided_*", param="tool_choice")
+    chosen = [t.model_dump() for t in req.tools
+              if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
+    parallel = choice == "required" and req.parallel_tool_calls is not False
+    return dataclasses.replace(params, grammar=tools.forced_call_grammar(chosen, parallel))
+
+
+def _grammar_field(req: Any) -> str:  # noqa: ANN401
+    return next((f for f in ("response_format", "guided_json", "guided_regex", "guided_choice")
+                 if getattr(req, f) is not None), "response_format")
+
+
+async def _check_grammar(llm: LLM, params: SamplingParams, param: str) -> None:
+    """Compile the request's grammar (cached per grammar) off the event loop: an invalid one is a 400 here."""
+    if params.grammar is None:
+        return
+    try:
+        await asyncio.to_thread(llm.check_grammar, params)
+    except ValueError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from e
+
+
+def _completion_prompts(llm: LLM, given: list[str | list[int]], suffix: str | None) -> list[list[int]]:
+    """Token ids for each prompt; with a suffix, fill-in-the-middle prompts (the prompt is the prefix). A model
+    without FIM tokens takes suffix "" (sent by clients that always fill the field) as no suffix."""
+    if suffix is None or (suffix == "" and (llm.tokenizer is None or not llm.tokenizer.supports_fim)):
+        return [_tokenizer(llm).encode(p) if isinstance(p, str) else p for p in given]
+    tokenizer = _tokenizer(llm)
+    if not tokenizer.supports_fim:
+        raise APIError(400, "suffix: this model's tokenizer has no fill-in-the-middle tokens, so it cannot take a "
+                       "suffix (DeepSeek-Coder-V2 checkpoints have them)", param="suffix", code="fim_not_supported")
+    if not all(isinstance(p, str) for p in given):
+        raise APIError(400, "prompt: a suffix needs the prompt as text (the prefix), not token ids", param="prompt")
+    return [tokenizer.fim_prompt(p, suffix) for p in given]
 
 
 def _params(req: Any, llm: LLM, prompt_len: int, max_tokens: int | None, logprobs: int | None,  # noqa: ANN401

@@ -12,6 +12,7 @@ checkpoint's default (generation_config.json), then SamplingParams' own.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import time
 import uuid
@@ -21,10 +22,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from dsv2.infer import CompletionOutput, SamplingParams
+from dsv2.infer import CompletionOutput, Grammar, SamplingParams
 
 Refusals = dict[str, tuple[str, tuple[Any, ...]]]  # field -> (why not, the values that change nothing)
-_TOOLS = "tool calls are not supported by dsv2"
+_LEGACY_FUNCTIONS = "the legacy functions API is not supported; send `tools` (and `tool_choice`) instead"
 
 
 class FieldError(ValueError):
@@ -50,8 +51,9 @@ class _Strict(BaseModel):
         if not isinstance(data, dict):
             return data  # pydantic's own "should be a valid dictionary"
         errors = []
+        known = {f.alias or n for n, f in cls.model_fields.items()}
         for name, value in data.items():
-            if name in cls.model_fields:
+            if name in known:
                 continue
             if name in cls.refused_fields:
                 why, harmless = cls.refused_fields[name]
@@ -64,7 +66,7 @@ class _Strict(BaseModel):
                 errors.append(_error(name, value, "extra_forbidden", f"not a field dsv2 implements{hint}"))
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
-        return {k: v for k, v in data.items() if k in cls.model_fields}
+        return {k: v for k, v in data.items() if k in known}
 
 
 def _error(name: str, value: Any, kind: str, message: str) -> InitErrorDetails:  # noqa: ANN401
@@ -76,15 +78,41 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
     # A participant's name: no chat template of the DeepSeek family renders it (nor does OpenAI's model
     # see it as text), so it is accepted and left out of what the template gets.
     name: str | None = Field(None, exclude=True)
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
-    refused_fields: ClassVar[Refusals] = {"tool_calls": (_TOOLS, ([],)), "function_call": (_TOOLS, ()),
+    refused_fields: ClassVar[Refusals] = {"function_call": (_LEGACY_FUNCTIONS, ()),
                                           "audio": ("audio is not supported by dsv2", ())}
+
+    @model_validator(mode="after")
+    def _content_where_needed(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing", "content is required (it may be null only in an assistant "
+                                      "message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("unsupported_value", "only assistant messages carry tool_calls")
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' shape: tool_calls with JSON-text arguments)."""
+        return self.model_dump(exclude_none=True, exclude={"name"}) | {"content": self.content}
 
     @field_validator("content", mode="before")
     @classmethod
@@ -102,21 +130,35 @@ Stop = Annotated[str, Field(min_length=1)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 TokenId = Annotated[int, Field(ge=0)]
 
-# The OpenAI features dsv2 does not have yet, refused by name on both endpoints.
+# The OpenAI features dsv2 does not have, refused by name on both endpoints.
 _REFUSED: Refusals = {
-    "tools": (_TOOLS, ([],)), "tool_choice": (_TOOLS, ("none",)), "functions": (_TOOLS, ([],)),
-    "function_call": (_TOOLS, ("none",)), "parallel_tool_calls": (_TOOLS, ()),
-    "response_format": ('structured output is not supported yet; only {"type": "text"} is', ({"type": "text"},)),
-    "guided_json": ("structured output is not supported yet", ()),
-    "guided_regex": ("structured output is not supported yet", ()),
-    "guided_choice": ("structured output is not supported yet", ()),
-    "guided_grammar": ("structured output is not supported yet", ()),
+    "functions": (_LEGACY_FUNCTIONS, ([],)), "function_call": (_LEGACY_FUNCTIONS, ("none",)),
+    "guided_grammar": ("not supported; use response_format, guided_json, guided_regex or guided_choice", ()),
     "audio": ("audio output is not supported by dsv2", ()),
     "modalities": ('dsv2 answers in text only; modalities can only be ["text"]', (["text"],)),
     "prediction": ("predicted outputs are not supported by dsv2", ()),
     "web_search_options": ("web search is not supported by dsv2", ()),
     "reasoning_effort": ("not supported: DeepSeek-V2 is not a reasoning model", ()),
 }
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")  # absent: any JSON value, as OpenAI's
+    strict: bool | None = None  # dsv2's output always follows the schema
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("unsupported_value", "json_schema is required with type \"json_schema\" "
+                                      "and allowed only with it")
+        return self
+
 
 # SamplingParams fields a request names the same way, unset (None) unless the client sends them.
 _KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -144,6 +186,11 @@ class _Sampling(_Strict):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     seed: int | None = None
+    # Structured output: OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     # OpenAI metadata: accepted, and changes nothing
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -175,6 +222,22 @@ class _Sampling(_Strict):
                                       "it samples", {"n": n})
         return value
 
+    def grammar(self) -> Grammar | None:
+        """What the output must match, from whichever structured-output field is set (at most one)."""
+        fmt = self.response_format
+        given = {name: g for name, g in (
+            ("response_format", None if fmt is None or fmt.type == "text" else
+             Grammar.json_object() if fmt.type == "json_object" else Grammar.json_schema(
+                 {"type": "object"} if fmt.json_schema.schema_ is True else fmt.json_schema.schema_)),
+            ("guided_json", None if self.guided_json is None else Grammar.json_schema(self.guided_json)),
+            ("guided_regex", None if self.guided_regex is None else Grammar.regex(self.guided_regex)),
+            ("guided_choice", None if self.guided_choice is None else Grammar.lark(
+                "start: " + " | ".join(json.dumps(c) for c in self.guided_choice))),
+        ) if g is not None}
+        if len(given) > 1:
+            raise FieldError(sorted(given)[1], f"only one of {sorted(given)} may be set")
+        return next(iter(given.values()), None)
+
     def sampling(self, max_tokens: int, logprobs: int | None, defaults: Mapping[str, Any], *,
                  vocab_size: int | None = None) -> SamplingParams:
         """The engine's SamplingParams: a field this request sets wins, else the checkpoint's `defaults`
@@ -188,11 +251,35 @@ class _Sampling(_Strict):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(max_tokens=max_tokens, n=self.n or 1, stop=stop,
                               stop_token_ids=tuple(self.stop_token_ids or ()), logit_bias=bias, logprobs=logprobs,
-                              **knobs)
+                              grammar=self.grammar(), **knobs)
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # a forced call always follows the schema; an "auto" one is parsed as written
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -205,6 +292,25 @@ class ChatCompletionRequest(_Sampling):
             raise PydanticCustomError("unsupported_value", "only allowed with `logprobs` set to true")
         return value
 
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in value or ()]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("unsupported_value", "two functions have the same name")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_names_a_tool(cls, value: Any, info: ValidationInfo) -> Any:  # noqa: ANN401
+        tools = info.data.get("tools") or []
+        if value not in (None, "none", "auto") and not tools:
+            raise PydanticCustomError("unsupported_value", "a tool_choice other than none or auto needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in [t.function.name for t in tools]:
+            raise PydanticCustomError("unsupported_value", "names {name!r}, which is not one of the tools",
+                                      {"name": value.function.name})
+        return value
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -215,10 +321,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    refused_fields: ClassVar[Refusals] = {**_REFUSED,
-                                          "suffix": ("fill-in-the-middle `suffix` is not supported yet", ("",))}
-
     prompt: str | list[str] | list[int] | list[list[int]]
+    # Fill in the middle: each prompt is the text before the hole, `suffix` the text after it.
+    suffix: str | None = None
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.model.moe import DeviceCapacity, MoE, Router, Routing
-from dsv2.train.routing import device_limited, protect_sequences, protected_blocks, set_dropping
+from dsv2.model.moe import DeviceCapacity, Dropping, MoE, Router, Routing
+from dsv2.train.routing import device_limited, protected_blocks
 from tests.conftest import randomize_, small_config
 
 
@@ -89,25 +89,21 @@ def test_dropping_respects_capacity_and_protection(seed: int, factor: float, D: 
             assert dropped.max() <= kept_free.min()
 
 
-def test_moe_drops_in_training_only_and_dropped_tokens_keep_shared_experts() -> None:
+def test_moe_drops_only_when_asked_and_dropped_tokens_keep_shared_experts() -> None:
     cfg = small_config(n_routed_experts=8, num_experts_per_tok=2)
     moe = randomize_(MoE(cfg), seed=11)
     x = torch.randn(4, 6, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     plain = moe(x)
-    set_dropping(moe, DeviceCapacity(n_devices=4, capacity_factor=0.5))
-    protected = torch.tensor([False, True, False, False])
-    with protect_sequences(moe, protected):
-        out: list[Routing] = []
-        dropped = moe(x, routing_out=out)
-        ref = moe(x, reference=True)
+    dropping = Dropping(DeviceCapacity(n_devices=4, capacity_factor=0.5), torch.tensor([False, True, False, False]))
+    out: list[Routing] = []
+    dropped = moe(x, routing_out=out, dropping=dropping)
+    ref = moe(x, reference=True, dropping=dropping)
     kept = out[0].kept.view(4, 6, 2)
     assert not bool(kept.all()) and bool(kept[1].all())
     assert torch.allclose(dropped, ref, atol=1e-5)
     fully_dropped = ~kept.any(-1)  # (B, S): tokens that lost every routed expert
     assert bool(fully_dropped.any())
     assert torch.allclose(dropped[fully_dropped], moe.shared(x[fully_dropped]), atol=1e-6)
-    assert moe.protected is None  # scoped to the with-block
-    moe.eval()
     out = []
     assert torch.equal(moe(x, routing_out=out), plain)
     assert out[0].kept is None
@@ -116,9 +112,9 @@ def test_moe_drops_in_training_only_and_dropped_tokens_keep_shared_experts() -> 
 def test_protected_mask_must_match_batch() -> None:
     cfg = small_config()
     moe = MoE(cfg)
-    set_dropping(moe, DeviceCapacity(n_devices=2))
-    with protect_sequences(moe, torch.tensor([True, False, True])), pytest.raises(ValueError, match="protected"):
-        moe(torch.randn(2, 3, cfg.hidden_size))
+    dropping = Dropping(DeviceCapacity(n_devices=2), torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="protected"):
+        moe(torch.randn(2, 3, cfg.hidden_size), dropping=dropping)
 
 
 def test_protected_blocks_are_an_exact_seeded_fraction() -> None:

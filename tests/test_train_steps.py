@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from dsv2 import Transformer
-from dsv2.model.moe import DeviceCapacity
+from dsv2.model.moe import DeviceCapacity, Dropping
 from dsv2.train.losses import BalanceCoefficients, balance_losses
 from dsv2.train.parallel import apply_activation_checkpointing, unwrapped_state_dict
 from dsv2.train.plot import plot_run
-from dsv2.train.routing import protect_sequences, record_routing, set_dropping
+from dsv2.train.routing import record_routing
 from tests.conftest import randomize_, small_config
 
 COEFFS = BalanceCoefficients(expert=0.01, device=0.05, communication=0.02)
@@ -22,20 +22,18 @@ COEFFS = BalanceCoefficients(expert=0.01, device=0.05, communication=0.02)
 def step_grads(model: torch.nn.Module, ids: torch.Tensor, autocast: bool = False
                ) -> tuple[float, int, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    with protect_sequences(model, torch.tensor([True, False, False])):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), record_routing(model) as routings:
-            lm = model(ids[:, :-1], labels=ids[:, 1:])
-        loss = lm + sum(balance_losses(routings, 3, COEFFS, 4, 2).values())
-        loss.backward()
+    dropping = Dropping(DeviceCapacity(n_devices=4, capacity_factor=0.75), torch.tensor([True, False, False]))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), record_routing(model) as routings:
+        lm = model(ids[:, :-1], labels=ids[:, 1:], dropping=dropping)
+    loss = lm + sum(balance_losses(routings, 3, COEFFS, 4, 2).values())
+    loss.backward()
     names = {id(p): n.replace(".block.", ".") for n, p in model.named_parameters()}
     return loss.item(), len(routings), {names[id(p)]: p.grad for p in model.parameters()}
 
 
 def dropping_model(cfg_seed: int = 0) -> Transformer:
     cfg = small_config(num_hidden_layers=3, topk_method="group_limited_greedy", n_group=4, topk_group=2)
-    model = randomize_(Transformer(cfg), seed=cfg_seed, std=0.1).train()
-    set_dropping(model, DeviceCapacity(n_devices=4, capacity_factor=0.75))
-    return model
+    return randomize_(Transformer(cfg), seed=cfg_seed, std=0.1).train()
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:

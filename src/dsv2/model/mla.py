@@ -123,12 +123,8 @@ class MLA(nn.Module):
         mask: bool (..., T, S) broadcastable over the batch, True = may attend; None = every key visible.
         """
         B, T, nh, _ = q_nope.shape
-        w_uk, w_uv_t = self.wkv_b.blocks()  # (nh, dn, dc), (nh, dc, dv), possibly in a wider dtype
-        # Head-batched products written as bmm over (nh, B*T, .): einsum would plan the same bmm on every call.
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(nh, B * T, -1).to(w_uk.dtype), w_uk)  # (nh, B*T, dc)
-        q_lat = q_lat.to(q_nope.dtype).view(nh, B, T, self.kv_rank).permute(1, 2, 0, 3)  # (B, T, nh, dc)
         # Every (token, head) pair is one query row of a single-head attention over the latents.
-        q = torch.cat([q_lat, q_pe], dim=-1).view(B, 1, T * nh, self.kv_rank + self.rope_dim)
+        q = torch.cat([self.absorb_query(q_nope), q_pe], dim=-1).view(B, 1, T * nh, self.kv_rank + self.rope_dim)
         k = latent[:, None]  # (B, 1, S, dc + dr)
         v = latent[:, None, :, : self.kv_rank]  # (B, 1, S, dc): the normed latent is the value
         # Written out rather than SDPA: q, k (dc + dr) and v (dc) differ in head dim, so SDPA would take its
@@ -138,8 +134,23 @@ class MLA(nn.Module):
             S = scores.shape[-1]
             scores.view(B, 1, T, nh, S).masked_fill_(~mask[..., None, :], float("-inf"))
         o = torch.matmul(scores.softmax(dim=-1), v)  # (B, 1, T * nh, dc)
-        o = torch.bmm(o.view(B * T, nh, self.kv_rank).transpose(0, 1).to(w_uv_t.dtype), w_uv_t)  # (nh, B*T, dv)
-        return o.to(q_nope.dtype).view(nh, B, T, self.v_dim).permute(1, 2, 0, 3)
+        return self.absorb_output(o.view(B, T, nh, self.kv_rank)).to(q_nope.dtype)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope (B, T, nh, dn) -> W_UK^T q_nope (B, T, nh, dc): the query in latent space, q_nope's dtype."""
+        B, T, nh, _ = q_nope.shape
+        w_uk, _ = self.wkv_b.blocks()  # (nh, dn, dc), possibly in a wider dtype
+        # Head-batched products written as bmm over (nh, B*T, .): einsum would plan the same bmm on every call.
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(nh, B * T, -1).to(w_uk.dtype), w_uk)  # (nh, B*T, dc)
+        return q_lat.to(q_nope.dtype).view(nh, B, T, self.kv_rank).permute(1, 2, 0, 3)
+
+    def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space (B, T, nh, dc) -> per-head values W_UV o (B, T, nh, dv), in the
+        blocks' dtype."""
+        B, T, nh, _ = o_lat.shape
+        _, w_uv_t = self.wkv_b.blocks()  # (nh, dc, dv)
+        o = torch.bmm(o_lat.reshape(B * T, nh, self.kv_rank).transpose(0, 1).to(w_uv_t.dtype), w_uv_t)
+        return o.view(nh, B, T, self.v_dim).permute(1, 2, 0, 3)  # (B, T, nh, dv)
 
 
 class AttentionCache(Protocol):

@@ -10,8 +10,9 @@ with n_group = D contiguous expert blocks and topk_group = M, each token first p
 its highest-affinity experts (max rule), then its top-K experts among them. V2's released config (8 groups,
 keep 3) is exactly D = 8, M = 3. Training selects it by building the model with those two fields.
 
-Device-level token dropping (§2.2.4) is a training-time policy set on `MoE.dropping`; it marks assignments in
-`Routing.kept`, and the experts skip the dropped ones. Evaluation (`model.eval()`) never drops.
+Device-level token dropping (§2.2.4) is a training-time policy passed with each forward (`Dropping`, the
+policy and the step's protected sequences); it marks assignments in `Routing.kept`, and the experts skip the
+dropped ones. A forward without it never drops.
 """
 
 from __future__ import annotations
@@ -40,6 +41,26 @@ class DropPolicy(Protocol):
     def keep(self, routing: Routing, protected_T: torch.Tensor | None) -> torch.Tensor:
         """(T, K) bool: which of the router's assignments are computed."""
         ...
+
+
+@dataclass(frozen=True)
+class Dropping:
+    """Token dropping for one forward: the policy, and the (B,) bool mask of the batch's sequences that must never
+    be dropped (or None). An argument rather than module state, so that activation checkpointing's recompute in
+    backward gets the same mask and so the same drops."""
+
+    policy: DropPolicy
+    protected_B: torch.Tensor | None = None
+
+    def protected_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask per token of x (B, S, H), flattened as the router sees them."""
+        p = self.protected_B
+        if p is None:
+            return None
+        if x.dim() != 3 or p.shape != x.shape[:1]:
+            raise ValueError(f"protected mask of shape {tuple(p.shape)} does not match a batch of shape "
+                             f"{tuple(x.shape[:-1])}")
+        return p.to(x.device)[:, None].expand(x.shape[:2]).flatten()
 
 
 @dataclass(frozen=True)
@@ -285,30 +306,18 @@ class MoE(nn.Module):
         # The shared experts are one SwiGLU of n_shared_experts times the expert width, with no gate.
         n_shared = cfg.n_shared_experts
         self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
-        # Training-time token dropping, set from train/: the policy, and per batch the (B,) bool mask of
-        # sequences that must never be dropped (the forward signature is shared with inference, so it travels
-        # as an attribute; train.routing.protect_sequences scopes it to one step).
-        self.dropping: DropPolicy | None = None
-        self.protected: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, reference: bool = False, routing_out: list[Routing] | None = None
-                ) -> torch.Tensor:
-        """reference: use the loop path; routing_out: if given, this layer's Routing is appended to it."""
+    def forward(self, x: torch.Tensor, reference: bool = False, routing_out: list[Routing] | None = None,
+                dropping: Dropping | None = None) -> torch.Tensor:
+        """reference: use the loop path; routing_out: if given, this layer's Routing is appended to it;
+        dropping: drop assignments by this policy (training passes it; nothing else does)."""
         x_TH = x.flatten(0, -2)
         routing = self.gate(x_TH)
-        if self.training and self.dropping is not None:
-            routing = routing._replace(kept=self.dropping.keep(routing, self._protected_tokens(x)))
+        if dropping is not None:
+            routing = routing._replace(kept=dropping.policy.keep(routing, dropping.protected_tokens(x)))
         if routing_out is not None:
             routing_out.append(routing)
         y_TH = (self.experts.forward_loop if reference else self.experts)(x_TH, routing)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)  # dropped tokens still get the shared experts (and the residual)
         return y_TH.view(x.shape)
-
-    def _protected_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.protected is None:
-            return None
-        if x.dim() != 3 or self.protected.shape != x.shape[:1]:
-            raise ValueError(f"protected mask of shape {tuple(self.protected.shape)} does not match a batch of "
-                             f"shape {tuple(x.shape[:-1])}")
-        return self.protected.to(x.device)[:, None].expand(x.shape[:2]).flatten()

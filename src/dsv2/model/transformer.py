@@ -9,7 +9,7 @@ from torch import nn
 from dsv2.config import ModelConfig
 from dsv2.model.loss import IGNORE_INDEX, head_cross_entropy
 from dsv2.model.mla import MLA, AttentionCache
-from dsv2.model.moe import MoE, Routing
+from dsv2.model.moe import Dropping, MoE, Routing
 from dsv2.model.norm import MLP, RMSNorm
 from dsv2.model.rope import Rotary
 
@@ -48,11 +48,13 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: AttentionCache | None, layer: int, routing_out: list[Routing] | None = None
-                ) -> torch.Tensor:
+                cache: AttentionCache | None, layer: int, routing_out: list[Routing] | None = None,
+                dropping: Dropping | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         h = self.ffn_norm(x)
-        return x + (self.ffn(h, routing_out=routing_out) if isinstance(self.ffn, MoE) else self.ffn(h))
+        if isinstance(self.ffn, MoE):
+            return x + self.ffn(h, routing_out=routing_out, dropping=dropping)
+        return x + self.ffn(h)
 
 
 class Transformer(nn.Module):
@@ -83,6 +85,7 @@ class Transformer(nn.Module):
         cache: AttentionCache | None = None,
         routing_out: list[Routing] | None = None,
         labels: torch.Tensor | None = None,
+        dropping: Dropping | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in fp32; with labels, the mean cross-entropy instead.
 
@@ -95,8 +98,10 @@ class Transformer(nn.Module):
         labels: (B, T) the token each position should predict (already shifted; -100 = no loss there): returns
         the mean next-token cross-entropy (0-dim fp32), computed with lm_head in chunks of positions so that the
         (B, T, vocab) logits and their gradient are never held whole (dsv2.model.loss).
+        dropping: token dropping for a training step (the policy and the protected sequences), applied in every
+        MoE layer.
         """
-        hidden = self.hidden_states(input_ids, positions, attention_mask, cache, routing_out)
+        hidden = self.hidden_states(input_ids, positions, attention_mask, cache, routing_out, dropping)
         if labels is None:
             return self.logits(hidden)
         if not isinstance(self.head, nn.Linear):  # a packed head (an inference model) has no dense weight
@@ -119,6 +124,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: AttentionCache | None = None,
         routing_out: list[Routing] | None = None,
+        dropping: Dropping | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states (B, T, H), before lm_head."""
         T = input_ids.shape[1]
@@ -134,7 +140,7 @@ class Transformer(nn.Module):
         mask = padding_mask(attention_mask) if attention_mask is not None else None
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, routing_out)
+            x = layer(x, cos, sin, mask, cache, i, routing_out, dropping)
         if isinstance(cache, LatentCache):
             cache.length += T
         return self.norm(x)

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from dsv2.model.moe import DeviceCapacity, Experts, Routing, kept_pairs
+from dsv2.model.moe import DeviceCapacity, DropPolicy, Experts, Routing, kept_pairs
 from dsv2.train.routing import moe_layers
 
 
@@ -54,10 +54,11 @@ class Local:
     rank, world, ep = 0, 1, 1
     is_main = True
 
-    def prepare(self, model: nn.Module, dropping: DeviceCapacity | None) -> nn.Module:
-        for moe in moe_layers(model):
-            moe.dropping = dropping
+    def prepare(self, model: nn.Module) -> nn.Module:
         return model
+
+    def drop_policy(self, dropping: DeviceCapacity | None) -> DropPolicy | None:
+        return dropping
 
     def shard(self, ids: np.ndarray) -> np.ndarray:
         return ids
@@ -187,12 +188,10 @@ class Distributed:
         self.expert_mesh = init_device_mesh("cpu", (self.world // ep, ep), mesh_dim_names=("edp", "ep"))
         self.ep_group = self.expert_mesh.get_group("ep")
 
-    def prepare(self, model: nn.Module, dropping: DeviceCapacity | None) -> nn.Module:
+    def prepare(self, model: nn.Module) -> nn.Module:
         for moe in moe_layers(model):
             if self.ep > 1:
                 moe.experts = self._shard_experts(moe.experts)
-            if dropping is not None:
-                moe.dropping = GroupCapacity(dropping, self.ep_group) if self.ep > 1 else dropping
             experts = fully_shard(moe.experts, mesh=self.expert_mesh["edp"])
             experts.set_gradient_divide_factor(float(self.world))
         for layer in model.layers:
@@ -211,6 +210,12 @@ class Distributed:
             local.w13.copy_(experts.w13[ep_rank * per:(ep_rank + 1) * per])
             local.w2.copy_(experts.w2[ep_rank * per:(ep_rank + 1) * per])
         return ExpertParallel(local, E, self.ep_group)
+
+    def drop_policy(self, dropping: DeviceCapacity | None) -> DropPolicy | None:
+        """Dropping decided over the whole EP group's assignments when experts are split over ranks."""
+        if dropping is None or self.ep == 1:
+            return dropping
+        return GroupCapacity(dropping, self.ep_group)
 
     def shard(self, ids: np.ndarray) -> np.ndarray:
         if len(ids) % self.world:

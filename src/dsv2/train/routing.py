@@ -1,7 +1,7 @@
 """Training-time routing: device-limited selection (§2.2.2) and device-level token dropping (§2.2.4).
 
-Both act on a built model through what model/moe.py exposes: device-limited routing is the checkpoint's
-`group_limited_greedy` with one group per device, and dropping is a policy set on each MoE layer.
+Both act through what model/moe.py exposes: device-limited routing is the checkpoint's `group_limited_greedy`
+with one group per device, and dropping is a policy the trainer passes with each forward (`moe.Dropping`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.moe import DropPolicy, MoE, Routing
+from dsv2.model.moe import MoE, Routing
 
 
 def device_limited(cfg: ModelConfig, n_devices: int, max_devices: int) -> ModelConfig:
@@ -31,26 +31,6 @@ def device_limited(cfg: ModelConfig, n_devices: int, max_devices: int) -> ModelC
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def set_dropping(model: nn.Module, policy: DropPolicy | None) -> None:
-    """Install (or with None remove) a token-dropping policy on every MoE layer; it acts in train() mode only."""
-    for moe in moe_layers(model):
-        moe.dropping = policy
-
-
-@contextmanager
-def protect_sequences(model: nn.Module, protected_B: torch.Tensor | None) -> Iterator[None]:
-    """Mark the batch's never-dropped sequences for the duration of one step (forward *and* backward, so that
-    activation checkpointing recomputes the same drops)."""
-    layers = moe_layers(model)
-    for moe in layers:
-        moe.protected = protected_B
-    try:
-        yield
-    finally:
-        for moe in layers:
-            moe.protected = None
 
 
 @contextmanager

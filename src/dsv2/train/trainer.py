@@ -25,7 +25,7 @@ from dsv2.hardware import warn_if_bf16_is_slow
 from dsv2 import interrupt
 from dsv2.kernels import onednn
 from dsv2.model import Transformer
-from dsv2.model.moe import DeviceCapacity
+from dsv2.model.moe import DeviceCapacity, Dropping
 from dsv2.train import checkpoints as ckpt
 from dsv2.train.config import TrainConfig
 from dsv2.tokenizer import Tokenizer
@@ -34,7 +34,7 @@ from dsv2.train.losses import balance_losses
 from dsv2.train.metrics import MetricsLog, StepStats
 from dsv2.train.optim import BatchSchedule, StepDecay, build_optimizer, set_lr
 from dsv2.train.parallel import Distributed, Local, apply_activation_checkpointing, from_torchrun, local_tensor
-from dsv2.train.routing import device_limited, protect_sequences, protected_blocks, record_routing
+from dsv2.train.routing import device_limited, protected_blocks, record_routing
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -143,7 +143,8 @@ class Trainer:
             apply_activation_checkpointing(model)
         cf = self.cfg.moe.capacity_factor
         dropping = DeviceCapacity(self.devices[0], cf) if cf > 0 and self.mcfg.n_routed_experts else None
-        return self.par.prepare(model, dropping)
+        self.drop_policy = self.par.drop_policy(dropping)
+        return self.par.prepare(model)
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self, on_step: StepCallback | None = None, stop_on_sigint: bool = False) -> None:
@@ -193,15 +194,17 @@ class Trainer:
     def _micro_step(self, ids: np.ndarray, n_micro: int, stats: StepStats) -> None:
         blocks = torch.from_numpy(self.loader.blocks(ids))
         inputs, targets = blocks[:, :-1], blocks[:, 1:]
-        protected = torch.from_numpy(self.protected[ids])
+        dropping = None
+        if self.drop_policy is not None:
+            dropping = Dropping(self.drop_policy, torch.from_numpy(self.protected[ids]))
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.autocast == "bfloat16")
-        with protect_sequences(self.model, protected):
-            with autocast, record_routing(self.model) as routings:
-                lm = self.model(inputs, labels=targets)  # head + cross-entropy in chunks (dsv2.model.loss)
-            losses = {"lm_loss": lm}
-            losses |= balance_losses(routings, len(ids), self.cfg.moe.coefficients, *self.devices)
-            loss = sum(losses.values())
-            (loss / n_micro).backward()
+        with autocast, record_routing(self.model) as routings:
+            # head + cross-entropy in chunks (dsv2.model.loss)
+            lm = self.model(inputs, labels=targets, dropping=dropping)
+        losses = {"lm_loss": lm}
+        losses |= balance_losses(routings, len(ids), self.cfg.moe.coefficients, *self.devices)
+        loss = sum(losses.values())
+        (loss / n_micro).backward()
         stats.add({"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}, routings)
 
     def _clip(self) -> float:

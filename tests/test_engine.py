@@ -396,3 +396,27 @@ def test_bad_engine_options_are_clear_errors(model: Transformer) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' is not available"):
             LLM(model, max_cache_tokens=256, device="cuda")
+    with torch.device("meta"):
+        on_meta = Transformer(TINY)
+    with pytest.raises(ValueError, match="the model passed in is on meta"):
+        LLM(on_meta, max_cache_tokens=256, device="cpu")
+
+
+def test_the_engine_creates_no_tensor_on_the_default_device(model: Transformer) -> None:
+    """Every tensor of a step is made on the engine's device. With the default device set to meta, one made
+    without a device would be a meta tensor, and mixing it with the model's would raise (or give no values).
+    The engine takes its device from the model passed in."""
+    llm = LLM(model, max_cache_tokens=512)
+    assert llm.cache.layers[0].device == next(model.parameters()).device
+    prompts = _prompts(4, seed=3)
+    params = [GREEDY, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=4,
+                                     presence_penalty=0.5, repetition_penalty=1.2, logprobs=2)]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, [params[i % 2] for i in range(4)])]
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        outs = llm.generate(prompts, [params[i % 2] for i in range(4)])
+    finally:
+        torch.set_default_device(previous)
+    assert [o.error for o in outs] == [None] * 4
+    assert [o.outputs[0].token_ids for o in outs] == expected

@@ -101,7 +101,7 @@ class LLM:
         model: str | os.PathLike | Transformer | None = None,
         tokenizer: Tokenizer | str | os.PathLike | None = None,
         dtype: torch.dtype | str | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         max_cache_tokens: int | None = None,
         max_model_len: int | None = None,
         cache_memory_fraction: float = 0.2,
@@ -132,8 +132,17 @@ class LLM:
         only if asked, since packing makes it inference-only. quantization: "int8" or "int4" weight-only
         projections and experts (dsv2.kernels.quant), quantized as the checkpoint streams in, or applied to a
         model passed in; a checkpoint written by `dsv2 quantize` loads in its own format without it. Before
-        loading, the weights' size in the requested format is checked against the free memory."""
-        self.device = _check_device(device)
+        loading, the weights' size in the requested format is checked against the free memory. device: where
+        the engine runs (default: a built model's own device, else the CPU); the cache and every step's tensors
+        live there."""
+        if isinstance(model, Transformer):
+            own = next(model.parameters()).device
+            asked = None if device is None else _check_device(device)
+            if asked is not None and (asked.type != own.type or asked.index not in (None, own.index)):
+                raise ValueError(f"device={str(device)!r}, but the model passed in is on {own}: move it first "
+                                 "(model.to(device)) or leave device unset")
+            device = own
+        self.device = _check_device("cpu" if device is None else device)
         # What a request that leaves a sampling field unset gets (the server and the CLI read it): the
         # checkpoint's generation_config.json, as transformers and vLLM use it.
         self.generation_defaults: dict[str, Any] = {}

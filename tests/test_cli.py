@@ -91,6 +91,25 @@ def test_generate_on_a_missing_device_is_one_error_line() -> None:
     assert_one_error(done.stderr, done.returncode, "error: device 'cuda' is not available")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build without CUDA")
+@pytest.mark.parametrize("command", ["sft", "grpo", "eval"])
+def test_training_and_eval_on_a_missing_device_are_one_error_line(command: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "1+1"}], "answer": 2}\n' * 4)
+    model = str(default_model_dir())
+    args = {"sft": ["--model", model, "--data", str(data), "--out", str(tmp_path / "o")],
+            "grpo": ["--model", model, "--data", str(data), "--out", str(tmp_path / "o"), "--prompts-per-step", "1"],
+            "eval": ["--model", model, "--arith", "2"]}[command]
+    try:  # the commands report a user error either by main's return code or by SystemExit("error: ...")
+        code, err = main([command, *args, "--device", "cuda"]), capsys.readouterr().err
+    except SystemExit as stop:
+        code, err = 2, str(stop.code)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "device 'cuda' is not available" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
 def test_library_value_errors_are_one_error_line(capsys: pytest.CaptureFixture) -> None:
     # An unsupported cache dtype (LLM) and a prompt longer than the shipped model's context of 1024 (add_request).
     assert main(["generate", "--prompt", "hi", "--cache-dtype", "int4"]) == 2

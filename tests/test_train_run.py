@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import torch
 from dsv2 import load
 from dsv2.train.config import TrainConfig
 from dsv2.train.metrics import read_metrics
+from dsv2.train.parallel import Local
+from dsv2.train.trainer import Trainer, train
 from tests.conftest import small_config
 
 WORDS = ("the expert router sends each token to a few devices and the shared experts see every token while "
@@ -121,3 +124,25 @@ def test_existing_run_needs_resume_and_bad_overrides_are_named(tmp_path: Path) -
         TrainConfig.from_toml(recipe, ["train.stepz=3"])
     with pytest.raises(ValueError, match="'moe.capacity_factor'"):
         TrainConfig.from_toml(recipe, ["moe.capacity_factor=-1"])
+    with pytest.raises(ValueError, match="'train.device'"):
+        TrainConfig.from_toml(recipe, ["train.device=gpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'train.device': 'cuda' asked, but no CUDA device"):
+            train(TrainConfig.from_toml(recipe, [f"train.out_dir={tmp_path / 'cuda'}", "train.device=cuda"]))
+
+
+def test_a_training_step_creates_no_tensor_on_the_default_device(tmp_path: Path) -> None:
+    """Dropping, device-limited routing, every balance loss and the step statistics, with the default device set
+    to meta: a tensor made without the training device would be a meta tensor and fail the step."""
+    cfg = TrainConfig.from_toml(write_recipe(tmp_path, steps=2), [f"train.out_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, Local(cfg.train.device))
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        stats, grad_norm, _ = trainer.train_step()
+        record = stats.summary()
+    finally:
+        torch.set_default_device(previous)
+    assert math.isfinite(grad_norm) and grad_norm > 0
+    assert math.isfinite(record["loss"]) and sum(record["moe"][0]["load"]) > 0
+    assert next(trainer.model.parameters()).device.type == "cpu"

@@ -67,3 +67,18 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """A device dsv2 can run on, or a ValueError that says why not (unknown name, no CUDA here)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: "
+                         + ("no CUDA device is visible" if torch.backends.cuda.is_built() else
+                            f"this torch build ({torch.__version__}) has no CUDA support"))
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; dsv2 runs on 'cpu' and 'cuda'")
+    return dev

@@ -48,6 +48,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="tokens read from each document that has at least that many")
     p.add_argument("--max-tokens", type=int, default=256, help="generation limit for the generated tasks")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (or 'cuda:N')")
     p.add_argument("--quantization", choices=("int8", "int4"), default=None,
                    help="evaluate with weight-only int8 or int4 projections and experts (int4: groups of 64)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result here")
@@ -66,14 +67,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"model": str(model_dir)}
     if args.ppl_text:
         tok = Tokenizer.from_dir(model_dir)
-        model = load(model_dir, dtype=torch.float32, quantization=args.quantization)
+        model = load(model_dir, dtype=torch.float32, device=args.device, quantization=args.quantization)
         result["perplexity"] = []
         for path in args.ppl_text:
             ppl = perplexity(model, heldout_tokens(tok, Path(path)), args.ppl_window, args.ppl_stride)
             result["perplexity"].append({"file": path, "perplexity": ppl.perplexity, "mean_nll": ppl.mean_nll,
                                          "tokens": ppl.tokens, "window": args.ppl_window})
     if args.arith or args.humaneval:
-        llm = LLM(model_dir, dtype=args.dtype, quantization=args.quantization)
+        llm = LLM(model_dir, dtype=args.dtype, device=args.device, quantization=args.quantization)
         if args.arith:
             batch = problems(args.arith_split, args.arith, args.arith_seed)
             result["arithmetic"] = (arithmetic_accuracy(llm, batch, args.max_tokens, args.arith_format)
@@ -95,7 +96,7 @@ def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     tok = Tokenizer.from_dir(model_dir)
-    model = load(model_dir, dtype=getattr(torch, args.dtype))
+    model = load(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     context = model.cfg.max_position_embeddings
     if args.needle:
         if args.needle_filler:
@@ -134,6 +135,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if not (args.ppl_text or args.arith or args.humaneval or args.needle or args.loss_by_position):
         raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N, --humaneval, --needle "
                          "and/or --loss-by-position")
+    from dsv2.hardware import check_device
+
+    check_device(args.device)
     text = json.dumps(evaluate(args), indent=2)
     sys.stdout.write(text + "\n")
     if args.out:

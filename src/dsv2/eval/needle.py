@@ -104,9 +104,10 @@ def loss_by_position(model: Transformer, documents: Sequence[Sequence[int]], len
         raise ValueError(f"no held-out document has {length} tokens (the longest has {longest}); "
                          "give a shorter length or longer documents")
     model.eval()
-    total = torch.zeros(length - 1, dtype=torch.float64)
+    dev = next(model.parameters()).device
+    total = torch.zeros(length - 1, dtype=torch.float64, device=dev)
     for doc in docs:
-        ids = torch.tensor(doc)[None]
+        ids = torch.tensor(doc, device=dev)[None]
         logits = model(ids[:, :-1])
         total += F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none").double()
     mean = total / len(docs)  # mean[p]: the loss of predicting token p + 1 from tokens 0..p

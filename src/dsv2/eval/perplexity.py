@@ -79,7 +79,8 @@ def window_batch(tokens: torch.Tensor, spans: list[tuple[int, int, int]]
 
 def _score_batch(model: Transformer, tokens: torch.Tensor, spans: list[tuple[int, int, int]]) -> tuple[float, int]:
     """Summed NLL and count of the scored targets of a few windows, right-padded into one batch."""
-    ids_BT, attn_BT, targets_BT = window_batch(tokens, spans)
+    dev = next(model.parameters()).device
+    ids_BT, attn_BT, targets_BT = (t.to(dev) for t in window_batch(tokens, spans))
     logits = model(ids_BT, attention_mask=attn_BT)
     nll = F.cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), ignore_index=-100, reduction="sum")
     return nll.item(), int((targets_BT != -100).sum())

@@ -26,7 +26,7 @@ from dsv2 import gguf
 from dsv2.checkpoint import load, planned_weight_bytes, read_config
 from dsv2.config import ModelConfig
 from dsv2.default_model import default_model_dir
-from dsv2.hardware import warn_if_bf16_is_slow
+from dsv2.hardware import check_device, warn_if_bf16_is_slow
 from dsv2.infer.blocks import BlockAllocator
 from dsv2.infer.cache import FP8, PagedLatentCache, available_memory
 from dsv2.infer.grammar import Constraints
@@ -137,12 +137,12 @@ class LLM:
         live there."""
         if isinstance(model, Transformer):
             own = next(model.parameters()).device
-            asked = None if device is None else _check_device(device)
+            asked = None if device is None else check_device(device)
             if asked is not None and (asked.type != own.type or asked.index not in (None, own.index)):
                 raise ValueError(f"device={str(device)!r}, but the model passed in is on {own}: move it first "
                                  "(model.to(device)) or leave device unset")
             device = own
-        self.device = _check_device("cpu" if device is None else device)
+        self.device = check_device("cpu" if device is None else device)
         # What a request that leaves a sampling field unset gets (the server and the CLI read it): the
         # checkpoint's generation_config.json, as transformers and vLLM use it.
         self.generation_defaults: dict[str, Any] = {}
@@ -516,20 +516,6 @@ def _check_fits(path: Path, dtype: torch.dtype | None, scheme: quant.Scheme | No
             "; try --quantization int8" if scheme is None else "; try --quantization int4"
         raise ValueError(f"{path} needs {need / 2**30:.1f} GiB as {what} ({peak / 2**30:.1f} GiB at the peak of "
                          f"loading), {free / 2**30:.1f} GiB available{hint}")
-
-
-def _check_device(device: torch.device | str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} is not available: "
-                         + ("no CUDA device is visible" if torch.backends.cuda.is_built() else
-                            f"this torch build ({torch.__version__}) has no CUDA support"))
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported; dsv2 runs on 'cpu' and 'cuda'")
-    return dev
 
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

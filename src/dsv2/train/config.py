@@ -55,6 +55,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: bool = True
+    # "cpu" or "cuda" (under torchrun each rank takes cuda:LOCAL_RANK, and the process group is nccl)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -63,6 +65,7 @@ class RunConfig:
                f"{self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         _check(self.autocast in ("none", "bfloat16"), "train.autocast", f"'none' or 'bfloat16', got {self.autocast!r}")
         _check(self.gemm in GEMM_CHOICES, "train.gemm", f"one of {GEMM_CHOICES}, got {self.gemm!r}")
+        _check(self.device in ("cpu", "cuda"), "train.device", f"'cpu' or 'cuda', got {self.device!r}")
         ramp = self.batch_ramp_start
         _check(ramp is None or 0 < ramp <= self.batch_size, "train.batch_ramp_start",
                f"must be in [1, batch_size={self.batch_size}], got {ramp}")

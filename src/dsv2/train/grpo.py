@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load, save
-from dsv2.hardware import keep_freed_memory
+from dsv2.hardware import check_device, keep_freed_memory
 from dsv2.infer import LLM, SamplingParams
 from dsv2.kernels import onednn
 from dsv2.model import Transformer
@@ -185,15 +185,17 @@ def completion_logprobs(model: Transformer, prompts: Sequence[Sequence[int]], co
     for b, row in enumerate(rows):
         ids_BL[b, :len(row)] = torch.tensor(row)
         attn_BL[b, :len(row)] = 1
+    dev = next(model.parameters()).device
+    ids_BL, attn_BL = ids_BL.to(dev), attn_BL.to(dev)
     logits_BLV = model(ids_BL, attention_mask=attn_BL)
     # logp_next[b, t] = log p(token t+1 | tokens <= t)
     logp_next = torch.log_softmax(logits_BLV[:, :-1].float() / temperature, dim=-1)
     logp_next = logp_next.gather(-1, ids_BL[:, 1:, None])[..., 0]
     T = max(1, max(map(len, completions)))
-    offsets = torch.arange(T)
-    starts = torch.tensor([len(p) - 1 for p in prompts])  # completion token j sits at len(p) + j
+    offsets = torch.arange(T, device=dev)
+    starts = torch.tensor([len(p) - 1 for p in prompts], device=dev)  # completion token j sits at len(p) + j
     index_BT = (starts[:, None] + offsets[None, :]).clamp(max=L - 2)
-    mask_BT = offsets[None, :] < torch.tensor([len(c) for c in completions])[:, None]
+    mask_BT = offsets[None, :] < torch.tensor([len(c) for c in completions], device=dev)[:, None]
     return logp_next.gather(1, index_BT), mask_BT
 
 
@@ -238,7 +240,7 @@ class GRPOTrainer:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rewards = {name: (rewards[name], w) for name, w in reward_weights.items()}
         self.policy = policy.float().train()
-        fast = onednn.wanted(cfg.gemm)
+        fast = onednn.wanted(cfg.gemm, next(policy.parameters()).device)
         if fast:
             onednn.use_for_training_(self.policy)
         self.reference = _frozen_copy(policy) if cfg.beta > 0 else None
@@ -298,7 +300,8 @@ class GRPOTrainer:
         # With μ = 1 the sampling policy *is* the current one: its detached log-probs are π_old exactly (ρ = 1,
         # and the gradient of ρ is the gradient of log π), without a second forward pass.
         old = logp.detach() if old_logp is None else old_logp
-        loss, stats = grpo_loss(logp, old, ref_logp, advantages, mask, cfg.beta, cfg.epsilon, cfg.loss_norm)
+        loss, stats = grpo_loss(logp, old, ref_logp, advantages.to(logp.device), mask, cfg.beta, cfg.epsilon,
+                                cfg.loss_norm)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -330,7 +333,7 @@ _RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every"})
 
 def train_grpo(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: GRPOConfig,
                reward_weights: Mapping[str, float], progress: bool = True, resume: bool = False,
-               rewards: Mapping[str, RewardFn] = REWARDS) -> Path:
+               rewards: Mapping[str, RewardFn] = REWARDS, device: torch.device | str = "cpu") -> Path:
     """GRPO from a checkpoint on a JSONL of prompts (e.g. tasks.grpo_record); writes out_dir/final, a
     metrics.jsonl of one line per step and, every cfg.checkpoint_every steps, a resumable checkpoint (policy,
     optimizer, step) in out_dir/checkpoints. resume=True continues from the newest one exactly: the reference
@@ -346,7 +349,8 @@ def train_grpo(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg
         raise ValueError(f"{out} already holds GRPO checkpoints; pass --resume or choose another --out")
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.from_dir(model_dir)
-    trainer = GRPOTrainer(load(model_dir, dtype=torch.float32), cfg, reward_weights, rewards, tokenizer=tokenizer)
+    policy = load(model_dir, dtype=torch.float32, device=check_device(device))
+    trainer = GRPOTrainer(policy, cfg, reward_weights, rewards, tokenizer=tokenizer)
     record = asdict(cfg) | {"reward_weights": dict(reward_weights)}
     log = MetricsLog(out / "metrics.jsonl")
     if found is not None:
@@ -426,6 +430,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between resumable checkpoints in OUT/checkpoints (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (or 'cuda:N'): the policy, the reference and "
+                   "the sampling engine")
     p.add_argument("--gemm", choices=onednn.CHOICES, default=d.gemm,
                    help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
     p.set_defaults(func=run_grpo)
@@ -442,7 +448,7 @@ def run_grpo(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     try:
-        final = train_grpo(args.model, args.data, args.out, cfg, weights, resume=args.resume)
+        final = train_grpo(args.model, args.data, args.out, cfg, weights, resume=args.resume, device=args.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     print(f"done: {final}")

@@ -18,27 +18,31 @@ class StepStats:
 
     n_experts: int
     n_layers: int
-    losses: dict[str, float] = field(default_factory=dict)  # summed over micro-batches
+    # On the training device, so that a GPU step is not stopped by a host copy per micro-batch and layer, and the
+    # sums are all-reduced where the process group works (nccl reduces only GPU tensors).
+    device: torch.device | str = "cpu"
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # fp64, summed over micro-batches
     micro_batches: int = 0
     load: torch.Tensor | None = None  # (layers, E) selections, before dropping
     dropped: torch.Tensor | None = None  # (layers,) dropped assignments
 
     def __post_init__(self) -> None:
-        self.load = torch.zeros(self.n_layers, self.n_experts, dtype=torch.float64)
-        self.dropped = torch.zeros(self.n_layers, dtype=torch.float64)
+        self.load = torch.zeros(self.n_layers, self.n_experts, dtype=torch.float64, device=self.device)
+        self.dropped = torch.zeros(self.n_layers, dtype=torch.float64, device=self.device)
 
     def add(self, losses: dict[str, torch.Tensor], routings: list[Routing]) -> None:
         self.micro_batches += 1
         for name, value in losses.items():
-            self.losses[name] = self.losses.get(name, 0.0) + float(value)
+            value = value.detach().double()
+            self.losses[name] = self.losses[name] + value if name in self.losses else value
         for i, r in enumerate(routings):
             self.load[i] += torch.bincount(r.indices.flatten(), minlength=self.n_experts).double()
             if r.kept is not None:
-                self.dropped[i] += float((~r.kept).sum())
+                self.dropped[i] += (~r.kept).sum()
 
     def summary(self) -> dict[str, Any]:
         """Mean losses, and per layer: max/mean load, coefficient of variation, dropped fraction, raw load."""
-        out: dict[str, Any] = {k: v / max(self.micro_batches, 1) for k, v in self.losses.items()}
+        out: dict[str, Any] = {k: float(v) / max(self.micro_batches, 1) for k, v in self.losses.items()}
         layers = []
         for i in range(self.n_layers):
             load = self.load[i]

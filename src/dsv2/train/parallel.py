@@ -54,6 +54,9 @@ class Local:
     rank, world, ep = 0, 1, 1
     is_main = True
 
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = _device(device, 0)
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -133,7 +136,7 @@ class ExpertParallel(nn.Module):
         dist.all_to_all_single(recv, send, group=self.group)
         send_splits, recv_splits = send.tolist(), recv.tolist()
         x_in = all_to_all(x_TH.index_select(0, token), recv_splits, send_splits, self.group)
-        e_in = torch.empty(sum(recv_splits), dtype=expert.dtype)
+        e_in = torch.empty(sum(recv_splits), dtype=expert.dtype, device=expert.device)
         dist.all_to_all_single(e_in, expert % self.per_rank, recv_splits, send_splits, group=self.group)
         by_expert = e_in.argsort(stable=True)
         counts = torch.bincount(e_in, minlength=self.per_rank).tolist()
@@ -157,7 +160,7 @@ class GroupCapacity:
         T, E = routing.scores.shape
         device_TK = routing.indices // (E // self.policy.n_devices)
         affinity_TK = routing.scores.detach().gather(1, routing.indices)
-        prot_T = torch.zeros(T, dtype=torch.bool) if protected_T is None else protected_T
+        prot_T = torch.zeros(T, dtype=torch.bool, device=device_TK.device) if protected_T is None else protected_T
         rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
         gathered = [_all_gather(t, self.group, size) for t in (affinity_TK, device_TK, prot_T.to(torch.uint8))]
         kept = self.policy.keep_assignments(gathered[0], gathered[1], gathered[2].bool())
@@ -171,21 +174,24 @@ def _all_gather(t: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.T
 
 
 class Distributed:
-    """torchrun: FSDP2 over all ranks, experts sharded over EP groups.
+    """torchrun: FSDP2 over all ranks, experts sharded over EP groups: gloo on CPUs, nccl on GPUs (one per rank,
+    cuda:LOCAL_RANK)."""
 
-    The trainer keeps the model on the CPU for now, so the backend is gloo; a CUDA run needs the model, batches
-    and meshes on "cuda" and the nccl backend (not done yet).
-    """
-
-    def __init__(self, ep: int) -> None:
+    def __init__(self, ep: int, device: str = "cpu") -> None:
+        self.device = _device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(minutes=10))
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(minutes=10),
+                                    device_id=self.device if self.device.type == "cuda" else None)
         self.rank, self.world, self.ep = dist.get_rank(), dist.get_world_size(), ep
         if self.world % ep:
             raise ValueError(f"config field 'moe.expert_parallel': {ep} does not divide the {self.world} ranks")
         self.is_main = self.rank == 0
-        self.dp_mesh: DeviceMesh = init_device_mesh("cpu", (self.world,), mesh_dim_names=("dp",))
-        self.expert_mesh = init_device_mesh("cpu", (self.world // ep, ep), mesh_dim_names=("edp", "ep"))
+        kind = self.device.type
+        self.dp_mesh: DeviceMesh = init_device_mesh(kind, (self.world,), mesh_dim_names=("dp",))
+        self.expert_mesh = init_device_mesh(kind, (self.world // ep, ep), mesh_dim_names=("edp", "ep"))
         self.ep_group = self.expert_mesh.get_group("ep")
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -249,6 +255,19 @@ class Distributed:
 
     def close(self) -> None:
         dist.destroy_process_group()
+
+
+def _device(kind: str, local_rank: int) -> torch.device:
+    """The device a rank trains on: the CPU, or its own GPU; a clear error where CUDA is not there."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("config field 'train.device': 'cuda' asked, but no CUDA device is visible"
+                         + ("" if torch.backends.cuda.is_built() else f" (torch {torch.__version__} is a CPU build)"))
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"config field 'train.device': rank {local_rank} has no GPU of its own "
+                         f"({torch.cuda.device_count()} visible); run at most that many processes per node")
+    return torch.device("cuda", local_rank)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dsv2.checkpoint import load, save
-from dsv2.hardware import keep_freed_memory
+from dsv2.hardware import check_device, keep_freed_memory
 from dsv2.kernels import onednn
 from dsv2.model import Transformer
 from dsv2.model.loss import IGNORE_INDEX
@@ -148,7 +148,8 @@ def sft_loss(model: Transformer, ids_BT: torch.Tensor, labels_BT: torch.Tensor, 
     counts in proportion to its tokens."""
     # position t predicts token t + 1; the last position predicts nothing
     shifted = F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return model(ids_BT, attention_mask=attn_BT, labels=shifted)
+    dev = next(model.parameters()).device
+    return model(ids_BT.to(dev), attention_mask=attn_BT.to(dev), labels=shifted.to(dev))
 
 
 def fit(model: Transformer, rows: Sequence[Row], cfg: SFTConfig, pad_id: int,
@@ -158,7 +159,7 @@ def fit(model: Transformer, rows: Sequence[Row], cfg: SFTConfig, pad_id: int,
         raise ValueError("no training rows")
     torch.manual_seed(cfg.seed)
     model.train()
-    if onednn.wanted(cfg.gemm):
+    if onednn.wanted(cfg.gemm, next(model.parameters()).device):
         onednn.use_for_training_(model)
     optim_cfg = cfg.optim()
     optimizer = build_optimizer(model, optim_cfg)
@@ -184,13 +185,14 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
             shutil.copy(Path(src) / name, Path(dst) / name)
 
 
-def train_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: SFTConfig, progress: bool = True
-              ) -> Path:
-    """SFT a checkpoint on a JSONL of {"messages": [...]} conversations; writes out_dir/final (weights and
-    tokenizer) and out_dir/metrics.jsonl."""
+def train_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: SFTConfig, progress: bool = True,
+              device: torch.device | str = "cpu") -> Path:
+    """SFT a checkpoint on a JSONL of {"messages": [...]} conversations on `device`; writes out_dir/final
+    (weights and tokenizer) and out_dir/metrics.jsonl."""
+    device = check_device(device)
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = prepare(tokenizer, [r["messages"] for r in read_jsonl(data)], cfg.seq_len)
-    model = load(model_dir, dtype=torch.float32)
+    model = load(model_dir, dtype=torch.float32, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -227,6 +229,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--gemm", choices=onednn.CHOICES, default=d.gemm,
                    help="fp32 products: 'onednn', 'torch' (F.linear), 'auto' = oneDNN on x86 CPUs")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (or 'cuda:N')")
     p.set_defaults(func=run_sft)
 
 
@@ -236,7 +239,7 @@ def run_sft(args: argparse.Namespace) -> int:
                     warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
                     gemm=args.gemm)
     try:
-        final = train_sft(args.model, args.data, args.out, cfg)
+        final = train_sft(args.model, args.data, args.out, cfg, device=args.device)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"done: {final}")

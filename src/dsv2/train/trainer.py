@@ -76,8 +76,10 @@ class Trainer:
             raise ValueError(f"config field 'train.batch_size': {run.batch_size} sequences do not split into "
                              f"micro-batches of {run.micro_batch_size} on {par.world} rank(s)")
         torch.manual_seed(run.seed)
+        self.device = par.device
         if run.autocast == "bfloat16":
-            warn_if_bf16_is_slow(torch.bfloat16, "cpu", "training under autocast", "set train.autocast = \"none\"")
+            warn_if_bf16_is_slow(torch.bfloat16, self.device, "training under autocast",
+                                 "set train.autocast = \"none\"")
         if run.threads:
             torch.set_num_threads(run.threads)
         self.out = Path(run.out_dir)
@@ -136,8 +138,8 @@ class Trainer:
                                  ) from e
         else:
             model.init_weights(self.cfg.optim.init_std)  # N(0, 0.006) in the paper (§3.1.2)
-        model.train()
-        if onednn.wanted(self.cfg.train.gemm):
+        model.to(self.device).train()
+        if onednn.wanted(self.cfg.train.gemm, self.device):
             onednn.use_for_training_(model)
         if self.cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -181,7 +183,7 @@ class Trainer:
     def train_step(self) -> tuple[StepStats, float, float]:
         ids = self.par.shard(self.loader.next_ids(self.plan[self.step]))
         micro = np.split(ids, len(ids) // self.cfg.train.micro_batch_size)
-        stats = StepStats(self.mcfg.n_routed_experts or 1, self.n_moe)
+        stats = StepStats(self.mcfg.n_routed_experts or 1, self.n_moe, self.device)
         for chunk in micro:
             self._micro_step(chunk, len(micro), stats)
         grad_norm = self._clip()
@@ -192,12 +194,13 @@ class Trainer:
         return stats, grad_norm, lr
 
     def _micro_step(self, ids: np.ndarray, n_micro: int, stats: StepStats) -> None:
-        blocks = torch.from_numpy(self.loader.blocks(ids))
+        blocks = torch.from_numpy(self.loader.blocks(ids)).to(self.device, non_blocking=True)
         inputs, targets = blocks[:, :-1], blocks[:, 1:]
         dropping = None
         if self.drop_policy is not None:
-            dropping = Dropping(self.drop_policy, torch.from_numpy(self.protected[ids]))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.autocast == "bfloat16")
+            dropping = Dropping(self.drop_policy, torch.from_numpy(self.protected[ids]).to(self.device))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=self.cfg.train.autocast == "bfloat16")
         with autocast, record_routing(self.model) as routings:
             # head + cross-entropy in chunks (dsv2.model.loss)
             lm = self.model(inputs, labels=targets, dropping=dropping)
@@ -219,9 +222,9 @@ class Trainer:
         return norm
 
     def _record(self, stats: StepStats, grad_norm: float, lr: float, seconds: float) -> dict[str, Any]:
-        sums = torch.tensor([stats.losses[k] for k in sorted(stats.losses)], dtype=torch.float64)
+        sums = torch.stack([stats.losses[k] for k in sorted(stats.losses)])
         sums = self.par.all_sum(sums) / self.par.world
-        stats.losses = dict(zip(sorted(stats.losses), sums.tolist()))
+        stats.losses = dict(zip(sorted(stats.losses), sums.unbind()))
         stats.load, stats.dropped = self.par.all_sum(stats.load), self.par.all_sum(stats.dropped)
         step_tokens = self.plan[self.step - 1] * self.cfg.data.seq_len
         return {"step": self.step, **stats.summary(), "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
@@ -303,7 +306,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     elif ckpt.latest(out / "checkpoints") is not None:
         raise ValueError(f"{out} already holds checkpoints; pass --resume or choose another train.out_dir")
     check_inputs(cfg)
-    par = Distributed(cfg.moe.expert_parallel) if from_torchrun() else Local()
+    device = cfg.train.device
+    par = Distributed(cfg.moe.expert_parallel, device) if from_torchrun() else Local(device)
     try:
         trainer = Trainer(cfg, par)
         if resume:

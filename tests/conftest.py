@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from dsv2 import ModelConfig
-from dsv2.config import YarnScaling
+# Without a GPU the Triton kernels (dsv2.kernels.gpu) run on CPU tensors under Triton's interpreter. Triton reads
+# this when it is first imported (tl's builtins are bound then), and importing dsv2 imports torch._dynamo, which
+# imports triton: so it is set before dsv2 is imported. `import torch` alone does not import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dsv2 import ModelConfig  # noqa: E402
+from dsv2.config import YarnScaling  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the kernel tests run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 YARN_0707 = YarnScaling(factor=40.0, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.707)
 YARN_1 = YarnScaling(factor=8.0, original_max_position_embeddings=320, mscale=1.0, mscale_all_dim=1.0)

@@ -11,6 +11,7 @@ sample get logits.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +51,14 @@ class PagedAttention:
     block tables, the masks) is computed once here, not once per layer."""
 
     def __init__(self, cache: PagedLatentCache, slots: torch.Tensor, decode: _Decodes | None,
-                 chunks: list[_Chunk], key_block: int = KEY_BLOCK) -> None:
+                 chunks: list[_Chunk], key_block: int = KEY_BLOCK, decode_kernel: DecodeKernel | None = None
+                 ) -> None:
         self.cache, self.slots, self.decode, self.chunks = cache, slots, decode, chunks
-        self.key_block = key_block
+        self.key_block, self.decode_kernel = key_block, decode_kernel
         self.num_decode = 0
-        if decode is not None:
+        if decode is not None and decode_kernel is not None:
+            self.num_decode = len(decode.ctx_lens)
+        elif decode is not None:
             self.num_decode = len(decode.ctx_lens)
             self.decode_slots = cache.slots_of(decode.block_tables)  # (B, S)
             key_pos = torch.arange(self.decode_slots.shape[1], device=slots.device)
@@ -67,12 +71,10 @@ class PagedAttention:
         q_nope, q_pe = q_nope[0], q_pe[0]  # (N, nh, d)
         d = self.num_decode
         if not self.chunks:  # decodes only: their rows are the whole batch
-            latent = self.cache.gather(layer, self.decode_slots, q_nope.dtype)  # (B, S, W)
-            return attn.attend_absorbed(q_nope[:, None], q_pe[:, None], latent, self.decode_mask)[:, 0][None]
+            return self._decode(layer, attn, q_nope, q_pe)[None]
         out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)
         if self.decode is not None:
-            latent = self.cache.gather(layer, self.decode_slots, q_nope.dtype)
-            out[:d] = attn.attend_absorbed(q_nope[:d, None], q_pe[:d, None], latent, self.decode_mask)[:, 0]
+            out[:d] = self._decode(layer, attn, q_nope[:d], q_pe[:d])
         # One attention per chunk, at its own length. Padding all chunks to the longest (queries, keys) and
         # masking took 2.7x the SDPA time in a 2,048-token step of benchmarks/generate.py (269 vs 100 ms): the
         # padding, and a full mask where a whole-sequence chunk can run as plain causal attention.
@@ -89,6 +91,41 @@ class PagedAttention:
             out[rows] = attn.attend_naive(q_nope[None, rows], q_pe[None, rows], latent[..., : attn.kv_rank],
                                           latent[..., attn.kv_rank :], c.mask)[0]
         return out[None]
+
+    def _decode(self, layer: int, attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """The single-token rows (B, nh, d) -> (B, nh, dv), absorbed: through the decode kernel, which reads the
+        latents through the block tables, or over the gathered padded contexts."""
+        if self.decode_kernel is None:
+            latent = self.cache.gather(layer, self.decode_slots, q_nope.dtype)  # (B, S, W)
+            return attn.attend_absorbed(q_nope[:, None], q_pe[:, None], latent, self.decode_mask)[:, 0]
+        q = torch.cat([attn.absorb_query(q_nope[:, None])[:, 0], q_pe], dim=-1)  # (B, nh, dc + dr)
+        scales = self.cache.scales[layer] if self.cache.fp8 else None
+        o_lat = self.decode_kernel(q, self.cache.layers[layer], scales, self.decode.block_tables,
+                                   self.decode.ctx_lens, self.cache.block_size, attn.kv_rank, attn.softmax_scale)
+        return attn.absorb_output(o_lat[:, None].to(q.dtype))[:, 0].to(q_nope.dtype)
+
+
+# (q (B, nh, dc + dr), cache layer (slots, W), fp8 scales (slots, 2) or None, block tables (B, N), context lengths
+# (B,), block size, kv_rank, softmax scale) -> (B, nh, dc) fp32: dsv2.kernels.gpu.mla_decode's signature
+DecodeKernel = Callable[..., torch.Tensor]
+
+
+def decode_kernel_for(choice: str, device: torch.device) -> DecodeKernel | None:
+    """The paged decode attention: "triton" (dsv2.kernels.gpu.mla_decode), "torch" (gather + attend_absorbed), or
+    "auto": Triton on CUDA, torch elsewhere (on the CPU Triton runs only under its interpreter, for tests)."""
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"decode attention {choice!r}: expected 'auto', 'triton' or 'torch'")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return None
+    try:
+        from dsv2.kernels.gpu.mla_decode import mla_decode
+    except ImportError as e:
+        if choice == "triton":
+            raise ValueError(f"decode attention 'triton' needs triton ({e}); pip install 'dsv2[gpu]'") from e
+        warnings.warn(f"triton is not importable ({e}): CUDA decode attention gathers the padded contexts "
+                      "instead", stacklevel=2)
+        return None
+    return mla_decode
 
 
 def transpose_weights_for_gemv_(model: Transformer) -> None:
@@ -115,13 +152,15 @@ _COMPILER_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedLatentCache, compile_decode: bool = False,
-                 key_block: int = KEY_BLOCK) -> None:
+                 key_block: int = KEY_BLOCK, decode_attention: str = "auto") -> None:
         """compile_decode: run decode-only steps through one torch.compile'd graph of the whole model (steps
         with prefill tokens run eagerly). The first step of batch size 1, and the first of 2 or more, compile
         (seconds to minutes); later ones skip the ~2,000 per-op dispatches of an eager decode step. key_block: a
-        prefill chunk whose context is longer attends block by block over that many keys at a time."""
+        prefill chunk whose context is longer attends block by block over that many keys at a time.
+        decode_attention: see decode_kernel_for."""
         self.model, self.cache, self.key_block = model, cache, key_block
         self.device = next(model.parameters()).device
+        self.decode_kernel = decode_kernel_for(decode_attention, self.device)
         self._compiled = (torch.compile(model.hidden_states, dynamic=True, fullgraph=True)
                           if compile_decode else None)
         self.compiled_steps = 0
@@ -157,7 +196,7 @@ class ModelRunner:
             slots += [s.seq.blocks[i // bs] * bs + i % bs for i in p]
         dev = self.device
         backend = PagedAttention(self.cache, torch.tensor(slots, device=dev), self._decodes(decodes),
-                                 self._chunks(prefills, first_row=len(decodes)), self.key_block)
+                                 self._chunks(prefills, first_row=len(decodes)), self.key_block, self.decode_kernel)
         ids_t, pos_t = torch.tensor([ids], device=dev), torch.tensor([pos], device=dev)
         if compiled:
             try:

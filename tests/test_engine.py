@@ -438,3 +438,20 @@ def test_triton_decode_attention_gives_the_torch_paths_tokens(model: Transformer
     assert outs[0] == outs[1]
     with pytest.raises(ValueError, match="decode attention 'flash'"):
         ModelRunner(model, llm.cache, decode_attention="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [None, "fp8"])
+def test_engine_on_cuda_gives_the_cpu_engines_tokens(model: Transformer, cache_dtype: str | None) -> None:
+    """The whole engine on the GPU (Triton decode attention, the cache and every step's tensors on cuda) against
+    the CPU engine on the same fp32 weights."""
+    import copy
+
+    prompts = _prompts(6, seed=5, lo=3, hi=40)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = []
+    for m in (model, copy.deepcopy(model).cuda()):
+        llm = LLM(m, max_cache_tokens=1024, cache_dtype=cache_dtype)
+        assert llm.cache.layers[0].device.type == next(m.parameters()).device.type
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+    assert outs[0] == outs[1]

@@ -146,3 +146,18 @@ def test_a_training_step_creates_no_tensor_on_the_default_device(tmp_path: Path)
     assert math.isfinite(grad_norm) and grad_norm > 0
     assert math.isfinite(record["loss"]) and sum(record["moe"][0]["load"]) > 0
     assert next(trainer.model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_a_training_step_on_cuda(tmp_path: Path) -> None:
+    """The trainer on the GPU: model, batches, dropping masks and statistics on cuda; losses near the CPU's."""
+    recipe = write_recipe(tmp_path, steps=2)
+    losses = []
+    for device in ("cpu", "cuda"):
+        cfg = TrainConfig.from_toml(recipe, [f"train.out_dir={tmp_path / device}", f"train.device={device}",
+                                             "train.gemm=torch"])
+        trainer = Trainer(cfg, Local(device))
+        stats, grad_norm, _ = trainer.train_step()
+        assert next(trainer.model.parameters()).device.type == device and math.isfinite(grad_norm)
+        losses.append(stats.summary()["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)

@@ -455,3 +455,25 @@ def test_engine_on_cuda_gives_the_cpu_engines_tokens(model: Transformer, cache_d
         assert llm.cache.layers[0].device.type == next(m.parameters()).device.type
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
     assert outs[0] == outs[1]
+
+
+def test_triton_experts_give_the_engine_the_same_tokens(model: Transformer) -> None:
+    """The grouped-GEMM experts (under Triton's interpreter here) swapped into a copy of the model: same greedy
+    tokens from prefill chunks and batched decodes, same parameters, and training still takes Experts' path."""
+    import copy
+
+    from dsv2.kernels.gpu.experts import TritonExperts, use_triton_experts_
+
+    triton_model = copy.deepcopy(model)
+    assert use_triton_experts_(triton_model) == model.cfg.num_moe_layers
+    assert triton_model.state_dict().keys() == model.state_dict().keys()
+    prompts = _prompts(4, seed=8, lo=3, hi=20)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outs = [[o.outputs[0].token_ids for o in LLM(m, max_cache_tokens=512).generate(prompts, params)]
+            for m in (model, triton_model)]
+    assert outs[0] == outs[1]
+    experts = next(m for m in triton_model.modules() if isinstance(m, TritonExperts))
+    x = torch.randn(3, model.cfg.hidden_size, requires_grad=True)
+    routing = triton_model.layers[1].ffn.gate(x)
+    experts(x, routing).sum().backward()  # the autograd path: fused_moe has no backward
+    assert experts.w13.grad is not None

@@ -185,6 +185,8 @@ class LLM:
             # Only for a model that is the engine's alone (loaded here, or made inference-only by quantization):
             # a model passed in may go on training, and the blocks are copies.
             prepare.prepare_(self.model)
+        if self.device.type == "cuda" and not quantized:
+            _use_triton_experts(self.model)
         self.cfg = self.model.cfg
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer | None) else Tokenizer.from_dir(tokenizer)
         self.dtype = next(self.model.parameters()).dtype
@@ -516,6 +518,17 @@ def _check_fits(path: Path, dtype: torch.dtype | None, scheme: quant.Scheme | No
             "; try --quantization int8" if scheme is None else "; try --quantization int4"
         raise ValueError(f"{path} needs {need / 2**30:.1f} GiB as {what} ({peak / 2**30:.1f} GiB at the peak of "
                          f"loading), {free / 2**30:.1f} GiB available{hint}")
+
+
+def _use_triton_experts(model: Transformer) -> None:
+    """On CUDA the routed experts run as grouped GEMMs (dsv2.kernels.gpu.experts). Training through the model is
+    unchanged (TritonExperts falls back to Experts' autograd paths), so a model passed in gets it too."""
+    try:
+        from dsv2.kernels.gpu.experts import use_triton_experts_
+    except ImportError as e:
+        log.warning("triton is not importable (%s): the routed experts run expert by expert", e)
+        return
+    use_triton_experts_(model)
 
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

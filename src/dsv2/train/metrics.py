@@ -36,7 +36,9 @@ class StepStats:
             value = value.detach().double()
             self.losses[name] = self.losses[name] + value if name in self.losses else value
         for i, r in enumerate(routings):
-            self.load[i] += torch.bincount(r.indices.flatten(), minlength=self.n_experts).double()
+            # scatter_add_, not bincount: CUDA's bincount reads the largest id back to the host (a sync per layer)
+            flat = r.indices.flatten()
+            self.load[i].scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
             if r.kept is not None:
                 self.dropped[i] += (~r.kept).sum()
 

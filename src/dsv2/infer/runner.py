@@ -56,10 +56,9 @@ class PagedAttention:
         self.cache, self.slots, self.decode, self.chunks = cache, slots, decode, chunks
         self.key_block, self.decode_kernel = key_block, decode_kernel
         self.num_decode = 0
-        if decode is not None and decode_kernel is not None:
+        if decode is not None:
             self.num_decode = len(decode.ctx_lens)
-        elif decode is not None:
-            self.num_decode = len(decode.ctx_lens)
+        if decode is not None and decode_kernel is None:  # the gather path's slots and mask; the kernel needs neither
             self.decode_slots = cache.slots_of(decode.block_tables)  # (B, S)
             key_pos = torch.arange(self.decode_slots.shape[1], device=slots.device)
             self.decode_mask = (key_pos < decode.ctx_lens[:, None])[:, None, None, :]  # (B, 1, 1, S)

@@ -27,6 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from dsv2.hardware import check_device
 from dsv2.model.moe import DeviceCapacity, DropPolicy, Experts, Routing, kept_pairs
 from dsv2.train.routing import moe_layers
 
@@ -261,9 +262,10 @@ def _device(kind: str, local_rank: int) -> torch.device:
     """The device a rank trains on: the CPU, or its own GPU; a clear error where CUDA is not there."""
     if kind == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("config field 'train.device': 'cuda' asked, but no CUDA device is visible"
-                         + ("" if torch.backends.cuda.is_built() else f" (torch {torch.__version__} is a CPU build)"))
+    try:
+        check_device(kind)
+    except ValueError as e:
+        raise ValueError(f"config field 'train.device': {e}") from e
     if local_rank >= torch.cuda.device_count():
         raise ValueError(f"config field 'train.device': rank {local_rank} has no GPU of its own "
                          f"({torch.cuda.device_count()} visible); run at most that many processes per node")

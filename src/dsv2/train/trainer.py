@@ -194,7 +194,7 @@ class Trainer:
         return stats, grad_norm, lr
 
     def _micro_step(self, ids: np.ndarray, n_micro: int, stats: StepStats) -> None:
-        blocks = torch.from_numpy(self.loader.blocks(ids)).to(self.device, non_blocking=True)
+        blocks = torch.from_numpy(self.loader.blocks(ids)).to(self.device)
         inputs, targets = blocks[:, :-1], blocks[:, 1:]
         dropping = None
         if self.drop_policy is not None:

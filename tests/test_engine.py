@@ -423,19 +423,20 @@ def test_the_engine_creates_no_tensor_on_the_default_device(model: Transformer) 
 
 
 @pytest.mark.parametrize("cache_dtype", [None, "fp8"])
-def test_triton_decode_attention_gives_the_torch_paths_tokens(model: Transformer, cache_dtype: str | None) -> None:
-    """The paged decode kernel (dsv2.kernels.gpu.mla_decode, under Triton's interpreter here) in the engine: ragged
-    contexts over shuffled blocks, decodes beside prefill chunks, the same greedy tokens as the gather path."""
+def test_decode_kernels_give_the_torch_paths_tokens(model: Transformer, cache_dtype: str | None) -> None:
+    """The paged decode kernels (dsv2.kernels.native's CPU one; dsv2.kernels.gpu.mla_decode, under Triton's
+    interpreter here) in the engine: ragged contexts over shuffled blocks, decodes beside prefill chunks, the same
+    greedy tokens as the gather path."""
     from dsv2.infer.runner import ModelRunner
 
     prompts = _prompts(5, seed=11, lo=3, hi=30)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     outs = []
-    for attention in ("torch", "triton"):
+    for attention in ("torch", "native", "triton"):
         llm = LLM(model, max_cache_tokens=512, block_size=4, cache_dtype=cache_dtype, max_num_batched_tokens=24)
         llm.runner = ModelRunner(llm.model, llm.cache, decode_attention=attention)
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
     with pytest.raises(ValueError, match="decode attention 'flash'"):
         ModelRunner(model, llm.cache, decode_attention="flash")
 

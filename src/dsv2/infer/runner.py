@@ -1,8 +1,9 @@
 """Scheduled batch -> tensors -> model -> logits: the engine's only hot loop.
 
 All scheduled tokens run as one flat sequence of N tokens through the projections and experts. Attention
-splits them: single-token rows (decodes) attend through the absorbed weights straight over their latents,
-gathered from the paged cache by block table; each multi-token chunk (a prefill) decompresses keys and values
+splits them: single-token rows (decodes) attend through the absorbed weights straight over their latents, which
+a decode kernel reads from the paged cache through the block tables (dsv2's own on the CPU, Triton's on CUDA) or
+the torch path gathers into padded contexts; each multi-token chunk (a prefill) decompresses keys and values
 of its own cached prefix plus new tokens and attends causally, unpadded: at once when its context fits in one key
 block, block by block beyond (dsv2.infer.attention), so that long contexts run in bounded memory. Only the rows that
 sample get logits.
@@ -109,12 +110,27 @@ class PagedAttention:
 DecodeKernel = Callable[..., torch.Tensor]
 
 
-def decode_kernel_for(choice: str, device: torch.device) -> DecodeKernel | None:
-    """The paged decode attention: "triton" (dsv2.kernels.gpu.mla_decode), "torch" (gather + attend_absorbed), or
-    "auto": Triton on CUDA, torch elsewhere (on the CPU Triton runs only under its interpreter, for tests)."""
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"decode attention {choice!r}: expected 'auto', 'triton' or 'torch'")
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+def decode_kernel_for(choice: str, device: torch.device, cache_dtype: torch.dtype) -> DecodeKernel | None:
+    """The paged decode attention: "native" (dsv2's CPU kernel, dsv2.kernels.native.mla_decode), "triton"
+    (dsv2.kernels.gpu.mla_decode), "torch" (gather + attend_absorbed), or "auto": Triton on CUDA, the native
+    kernel on the CPU where it is built and reads the cache's dtype, torch otherwise (on the CPU Triton runs only
+    under its interpreter, for tests). None means torch."""
+    if choice not in ("auto", "native", "triton", "torch"):
+        raise ValueError(f"decode attention {choice!r}: expected 'auto', 'native', 'triton' or 'torch'")
+    if choice == "torch":
+        return None
+    if choice == "native" or (choice == "auto" and device.type == "cpu"):
+        from dsv2.kernels import native
+
+        problem = ("it runs on the CPU, the model is on " + str(device) if device.type != "cpu"
+                   else f"it does not read {cache_dtype} caches" if cache_dtype not in native.MLA_CACHE_TYPES
+                   else "it is not built (no C++ compiler, or DSV2_NATIVE=0)" if not native.available() else None)
+        if problem is None:
+            return native.mla_decode
+        if choice == "native":
+            raise ValueError(f"decode attention 'native': {problem}")
+        return None
+    if choice == "auto" and device.type != "cuda":
         return None
     try:
         from dsv2.kernels.gpu.mla_decode import mla_decode
@@ -159,7 +175,7 @@ class ModelRunner:
         decode_attention: see decode_kernel_for."""
         self.model, self.cache, self.key_block = model, cache, key_block
         self.device = next(model.parameters()).device
-        self.decode_kernel = decode_kernel_for(decode_attention, self.device)
+        self.decode_kernel = decode_kernel_for(decode_attention, self.device, cache.dtype)
         self._compiled = (torch.compile(model.hidden_states, dynamic=True, fullgraph=True)
                           if compile_decode else None)
         self.compiled_steps = 0

@@ -1,5 +1,6 @@
-"""dsv2's own CPU kernels (cpu/gemv.cpp): few-row products with int8 and int4 weights that read each weight once
-for all rows, built at first use with the system C++ compiler for this machine's CPU and loaded with ctypes.
+"""dsv2's own CPU kernels, built at first use with the system C++ compiler for this machine's CPU and loaded
+with ctypes: cpu/gemv.cpp, few-row products with int8 and int4 weights that read each weight once for all rows;
+cpu/mla_decode.cpp, the absorbed decode attention read straight from the paged latent cache.
 
 Why they exist: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` stream the whole weight again for
 every activation row, and the int4 one is compute-bound well below the memory bandwidth at one row
@@ -31,7 +32,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu") / "gemv.cpp"
+CPU_DIR = Path(__file__).with_name("cpu")
+SOURCES = (CPU_DIR / "gemv.cpp", CPU_DIR / "mla_decode.cpp")
+HEADERS = (CPU_DIR / "simd.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # Rows up to which the kernels run: past that, dequantize + the dense GEMM is faster (benchmarks/quant.py).
 MAX_ROWS = 16
@@ -59,13 +62,14 @@ def _compiler() -> str | None:
 
 
 def build(flags: tuple[str, ...] = FLAGS) -> Path:
-    """The shared library built from SOURCE with these flags (cached); RuntimeError if it cannot be."""
+    """The shared library built from SOURCES with these flags (cached); RuntimeError if it cannot be."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++, g++ or clang++; or set CXX)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_identity()]).encode())
-    out = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, version, " ".join(flags), _cpu_identity()]).encode())
+    out = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,7 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cxx} failed:\n{done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -90,7 +94,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.dsv2_int4_mm.argtypes = [p, p, p, p, c, p, c, i, i, i, i, c]
     lib.dsv2_int8_dequant.argtypes = [p, p, p, i, i, ctypes.c_int]
     lib.dsv2_int4_dequant.argtypes = [p, p, p, p, i, i, i, ctypes.c_int]
-    for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant):
+    lib.dsv2_mla_decode.argtypes = [p, p, c, p, p, p, p, i, i, i, i, i, i, ctypes.c_float, i, p, c]
+    for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant, lib.dsv2_mla_decode):
         f.restype = None
     lib.dsv2_vector_width.argtypes, lib.dsv2_vector_width.restype = [], ctypes.c_int
     return lib
@@ -185,3 +190,45 @@ def int4_unblock(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of int4_blocks."""
     b = packed.unflatten(-1, (-1, INT4_BLOCK // 2))
     return torch.stack([b & 15, b >> 4], dim=-2).flatten(-3)
+
+
+# The paged decode attention (cpu/mla_decode.cpp). Cache element types it reads, by its code for them.
+MLA_CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
+# A context is split over threads in parts of at least this many tokens: below that, a part's fixed costs (its
+# (H, kv_rank) partial output and the merge) outweigh what a second thread gains.
+MLA_MIN_PART_TOKENS = 256
+
+
+@functools.cache
+def _fp8_values() -> torch.Tensor:
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+@torch.library.custom_op("dsv2::mla_decode_cpu", mutates_args=(), device_types="cpu")
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None, block_tables: torch.Tensor,
+               ctx_lens: torch.Tensor, block_size: int, kv_rank: int, softmax_scale: float) -> torch.Tensor:
+    """q (B, H, D) over each sequence's first ctx_lens[b] >= 1 latents of one layer's paged cache (slots, D), read
+    through block_tables (B, max_blocks) -> (B, H, kv_rank) fp32: dsv2.kernels.gpu.mla_decode's contract
+    (mla_decode_reference), on the CPU. A torch custom op so that a compiled decode graph calls it whole.
+    scales (slots, 2) fp32 for an fp8 cache."""
+    if cache.dtype not in MLA_CACHE_TYPES:
+        raise ValueError(f"the CPU decode attention reads fp32, bf16 or fp8 e4m3 caches, not {cache.dtype}")
+    if cache.dtype == torch.float8_e4m3fn and scales is None:
+        raise ValueError("an fp8 cache needs its scales")
+    B, H, D = q.shape
+    qf = q.float().contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = ctx_lens.to(torch.int64).contiguous()
+    fp8 = cache.dtype == torch.float8_e4m3fn
+    out = torch.empty(B, H, kv_rank, dtype=torch.float32)
+    library().dsv2_mla_decode(
+        qf.data_ptr(), cache.data_ptr(), MLA_CACHE_TYPES[cache.dtype], scales.contiguous().data_ptr() if fp8 else None,
+        _fp8_values().data_ptr() if fp8 else None, tables.data_ptr(), lens.data_ptr(), B, tables.shape[1],
+        block_size, H, D, kv_rank, softmax_scale, MLA_MIN_PART_TOKENS, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@mla_decode.register_fake
+def _(q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None, block_tables: torch.Tensor,
+      ctx_lens: torch.Tensor, block_size: int, kv_rank: int, softmax_scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], kv_rank, dtype=torch.float32)

@@ -12,28 +12,12 @@
 //   i + 16 (high nibble), llama.cpp Q4_0's order; scale and zero (N, K / G) bf16 per group of G weights:
 //   W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], torch's convention.
 
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-// Scales are bf16, as torch's kernels take them: the same numbers whichever kernel runs.
-static inline float bf16(uint16_t h) {
-    const uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "simd.h"
 
+// The int8 and int4 weight conversions, per instruction set.
 #if defined(__AVX512F__)
-#include <immintrin.h>
-constexpr int W = 16;  // floats per vector
-typedef __m512 V;
-static inline V vzero() { return _mm512_setzero_ps(); }
-static inline V vset(float a) { return _mm512_set1_ps(a); }
-static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
-static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 static inline V from_i8(const int8_t* p) {  // W int8 -> W floats
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -50,19 +34,6 @@ static inline void dequant(const uint8_t* p, const Levels& t, V& lo, V& hi) {  /
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-constexpr int W = 8;
-typedef __m256 V;
-static inline V vzero() { return _mm256_setzero_ps(); }
-static inline V vset(float a) { return _mm256_set1_ps(a); }
-static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-static inline float vsum(V a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 static inline V from_i8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -76,14 +47,6 @@ static inline void dequant(const uint8_t* p, const Levels& t, V& lo, V& hi) {  /
     hi = vfma(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), t.scale, t.bias);
 }
 #else  // portable scalar code: correct everywhere, fast nowhere
-constexpr int W = 1;
-typedef float V;
-static inline V vzero() { return 0.f; }
-static inline V vset(float a) { return a; }
-static inline V vload(const float* p) { return *p; }
-static inline V vfma(V a, V b, V c) { return a * b + c; }
-static inline V vadd(V a, V b) { return a + b; }
-static inline float vsum(V a) { return a; }
 static inline V from_i8(const int8_t* p) { return static_cast<float>(*p); }
 struct Levels {
     float scale, bias;

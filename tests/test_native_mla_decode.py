@@ -46,7 +46,8 @@ def test_long_contexts_split_and_merge(threads: int, cache_dtype: torch.dtype) -
         got = native.mla_decode(q, layer, scales, tables, ctx, bs, kv, 576**-0.5)
     finally:
         torch.set_num_threads(previous)
-    _check(got, want, torch.float32)
+    # sums of thousands of terms in another order than the reference's: fp32 rounding grows past _check's 1e-5
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
 
 
 def test_compiled_graph_calls_it_whole() -> None:

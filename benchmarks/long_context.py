@@ -9,9 +9,13 @@ then --new-tokens tokens.
   transformers (--transformers): DeepseekV2ForCausalLM on the same checkpoint: one forward over the prompt, then
         one token at a time on its cache;
   llama.cpp (--llama-gguf PATH): llama-bench from the peer build (../shared/peers/llama_cpp.sh) on a GGUF of the
-        same checkpoint (write it with --checkpoint DIR, then `llama_cpp.sh convert DIR OUT.gguf f32`): prefill of
-        C tokens, and --new-tokens generated at depth C.
-Rounds interleave engines and contexts (a drift in machine load hits all alike); the table shows medians. Peak RSS:
+        same checkpoint (write it with --checkpoint DIR, then `llama_cpp.sh convert DIR OUT.gguf f32`; the written
+        checkpoint carries the shipped model's tokenizer files, which the converter needs, padded to the vocabulary
+        by it): prefill of C tokens, and --new-tokens generated at depth C, with its defaults otherwise (f16 latent
+        cache, flash attention auto) and weight repacking off (with it, DeepSeek-V2 GGUFs abort on some AVX-512
+        CPUs: ../shared/peers/bench_llama.py).
+Rounds interleave engines and contexts (a drift in machine load hits all alike; llama-bench runs once per round and
+context); the table shows medians. Peak RSS:
 the process's high-water mark during the measurement (reset before it through /proc/self/clear_refs where the
 kernel allows) and its rise above the resident size before it, i.e. what the context itself costs.
 
@@ -26,6 +30,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -38,6 +43,7 @@ import torch
 from forward import CFG  # run as `python benchmarks/long_context.py`: benchmarks/ is on sys.path
 from dsv2 import ModelConfig, Transformer, save
 from dsv2.config import YarnScaling
+from dsv2.default_model import default_model_dir
 from dsv2.infer import LLM, SamplingParams
 
 LONG = dict(max_position_embeddings=40960, bos_token_id=None, eos_token_id=None,
@@ -121,16 +127,30 @@ def llama_bench() -> Path | None:
 
 def run_llama(gguf: str, ctx: int, new: int, rounds: int, threads: int) -> Run:
     """llama-bench: a prefill of ctx tokens (pp at depth 0), and `new` tokens generated at depth ctx (tg)."""
+    peak = 0
+
     def bench(*args: str) -> dict:
-        cmd = [str(llama_bench()), "-m", gguf, "-t", str(threads), "-r", str(rounds), "-o", "json", *args]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr[-2000:]}")
-        return json.loads(res.stdout)[0]
+        nonlocal peak
+        cmd = [str(llama_bench()), "-m", gguf, "-t", str(threads), "-r", str(rounds), "--repack", "0", "-o", "json",
+               *args]
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+            # Its own high-water mark, read until it exits (VmHWM only grows). getrusage(RUSAGE_CHILDREN) would
+            # report this process's resident size, which the child holds between fork and exec.
+            while proc.poll() is None:
+                try:
+                    peak = max(peak, int(next(ln for ln in open(f"/proc/{proc.pid}/status")
+                                              if ln.startswith("VmHWM:")).split()[1]) * 1024)
+                except (OSError, StopIteration):
+                    pass
+                time.sleep(0.05)
+            out.seek(0), err.seek(0)
+            if proc.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read()[-2000:]}")
+            return json.loads(out.read())[0]
 
     pp = bench("-p", str(ctx), "-n", "0")
     tg = bench("-p", "0", "-n", str(new), "-d", str(ctx))
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest llama-bench so far
     return Run(ctx / pp["avg_ts"], tg["avg_ts"], peak, 0)
 
 
@@ -180,6 +200,8 @@ def main() -> None:
         if not (ckpt / "config.json").is_file():
             torch.manual_seed(0)
             save(Transformer(cfg), ckpt)
+            for f in ("tokenizer.json", "tokenizer_config.json"):  # for llama.cpp's converter
+                shutil.copy(default_model_dir() / f, ckpt / f)
         longest = max(contexts) + new
         llm = LLM(ckpt, dtype=dtype, max_cache_tokens=longest + 64, max_model_len=longest, prefix_caching=False)
         cfg = llm.cfg  # a --checkpoint written earlier may have another shape
@@ -194,14 +216,14 @@ def main() -> None:
         for fn in engines.values():  # warm-up: allocator, oneDNN primitives, first-call paths
             fn([rng.randrange(cfg.vocab_size) for _ in range(min(contexts[0], 512))])
         runs: dict[tuple[str, int], list[Run]] = {}
-        for _ in range(args.rounds):
+        if args.llama_gguf:
+            engines["llama.cpp"] = lambda p: run_llama(args.llama_gguf, len(p), new, 1, torch.get_num_threads())
+        for r in range(args.rounds):
             for ctx in contexts:
                 prompt = [rng.randrange(cfg.vocab_size) for _ in range(ctx)]
                 for name, fn in engines.items():
                     runs.setdefault((name, ctx), []).append(fn(prompt))
-        if args.llama_gguf:
-            for ctx in contexts:
-                runs[("llama.cpp", ctx)] = [run_llama(args.llama_gguf, ctx, new, args.rounds, torch.get_num_threads())]
+                    print(f"round {r} {name} {ctx}: {runs[(name, ctx)][-1]}", flush=True)
     print(f"# {cfg.num_params() / 1e6:.0f}M params, {args.dtype}, {torch.get_num_threads()} threads, "
           f"{new} new tokens after a prompt of each context, medians of {args.rounds} interleaved rounds")
     print("| engine | context | decode tok/s | prefill s | prefill tok/s | peak RSS MiB | RSS rise MiB |")

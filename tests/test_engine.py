@@ -441,6 +441,23 @@ def test_decode_kernels_give_the_torch_paths_tokens(model: Transformer, cache_dt
         ModelRunner(model, llm.cache, decode_attention="flash")
 
 
+def test_decode_kernel_choice() -> None:
+    """"auto" takes dsv2's CPU kernel where it runs and reads the cache, torch's path otherwise; asking for the
+    native kernel where it cannot run says why."""
+    from dsv2.infer.runner import decode_kernel_for
+    from dsv2.kernels import native
+
+    cpu = torch.device("cpu")
+    assert decode_kernel_for("torch", cpu, torch.float32) is None
+    assert decode_kernel_for("auto", cpu, torch.float16) is None
+    with pytest.raises(ValueError, match="'native': it does not read torch.float16 caches"):
+        decode_kernel_for("native", cpu, torch.float16)
+    with pytest.raises(ValueError, match="'native': it runs on the CPU, the model is on cuda"):
+        decode_kernel_for("native", torch.device("cuda"), torch.float32)
+    if native.available():
+        assert decode_kernel_for("auto", cpu, torch.bfloat16) is native.mla_decode
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", [None, "fp8"])
 def test_engine_on_cuda_gives_the_cpu_engines_tokens(model: Transformer, cache_dtype: str | None) -> None:

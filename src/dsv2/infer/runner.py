@@ -122,10 +122,13 @@ def decode_kernel_for(choice: str, device: torch.device, cache_dtype: torch.dtyp
     if choice == "native" or (choice == "auto" and device.type == "cpu"):
         from dsv2.kernels import native
 
-        problem = ("it runs on the CPU, the model is on " + str(device) if device.type != "cpu"
-                   else f"it does not read {cache_dtype} caches" if cache_dtype not in native.MLA_CACHE_TYPES
-                   else "it is not built (no C++ compiler, or DSV2_NATIVE=0)" if not native.available() else None)
-        if problem is None:
+        if device.type != "cpu":
+            problem = f"it runs on the CPU, the model is on {device}"
+        elif cache_dtype not in native.MLA_CACHE_TYPES:
+            problem = f"it does not read {cache_dtype} caches"
+        elif not native.available():
+            problem = "it is not built (no C++ compiler, or DSV2_NATIVE=0)"
+        else:
             return native.mla_decode
         if choice == "native":
             raise ValueError(f"decode attention 'native': {problem}")

@@ -194,8 +194,8 @@ def int4_unblock(packed: torch.Tensor) -> torch.Tensor:
 
 # The paged decode attention (cpu/mla_decode.cpp). Cache element types it reads, by its code for them.
 MLA_CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
-# A context is split over threads in parts of at least this many tokens: below that, a part's fixed costs (its
-# (H, kv_rank) partial output and the merge) outweigh what a second thread gains.
+# A context is split over threads in parts of at least this many tokens, so that a short one is not cut up for a
+# part's fixed costs (its (H, kv_rank) partial output and the merge). A choice, not tuned: no other value measured.
 MLA_MIN_PART_TOKENS = 256
 
 
@@ -220,9 +220,11 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None
     tables = block_tables.to(torch.int64).contiguous()
     lens = ctx_lens.to(torch.int64).contiguous()
     fp8 = cache.dtype == torch.float8_e4m3fn
+    cache = cache.contiguous()  # bound to names: the kernel reads through raw pointers, which must outlive the call
+    scales = scales.float().contiguous() if fp8 else None
     out = torch.empty(B, H, kv_rank, dtype=torch.float32)
     library().dsv2_mla_decode(
-        qf.data_ptr(), cache.data_ptr(), MLA_CACHE_TYPES[cache.dtype], scales.contiguous().data_ptr() if fp8 else None,
+        qf.data_ptr(), cache.data_ptr(), MLA_CACHE_TYPES[cache.dtype], scales.data_ptr() if fp8 else None,
         _fp8_values().data_ptr() if fp8 else None, tables.data_ptr(), lens.data_ptr(), B, tables.shape[1],
         block_size, H, D, kv_rank, softmax_scale, MLA_MIN_PART_TOKENS, out.data_ptr(), torch.get_num_threads())
     return out

@@ -16,6 +16,11 @@ read. Fixtures and their sources:
   they prove rendering parity on each template's logic (V2.5's: tool calls and tool results), not byte-exactness to
   the published file, and carry no token table.
 
+- llama-cpp-deepseek-v2.json: the test case named "DeepSeek-V2" of ggml-org/llama.cpp's tests/test-chat-template.cpp
+  (commit 03f94f19a2c4c9d039fa1a84838fe3e2110cc28d): its template (written with {{ bos_token }} and eos_token, as the
+  Hugging Face files are), its BOS/EOS, and under `expected` the conversation every case there renders with the
+  output llama.cpp's test asserts for it: a rendering neither dsv2 nor transformers produced.
+
 No copy of the Hugging Face tokenizer_config.json of deepseek-ai/DeepSeek-V2-Chat, DeepSeek-V2-Lite-Chat,
 DeepSeek-Coder-V2-Instruct, DeepSeek-Coder-V2-Lite-Instruct, DeepSeek-V2.5 or DeepSeek-V2.5-1210 with a
 traceable repository, path and commit could be found (the code index holds no JSON files, and no mirror of those
@@ -47,6 +52,7 @@ transformers_ctu = pytest.importorskip("transformers.utils.chat_template_utils")
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 TINY = Path(dsv2.__file__).parent / "assets" / "dsv2-tiny"
 FIXTURE_KEYS = {"source", "chat_template", "bos_token", "eos_token", "special_tokens"}
+OPTIONAL_KEYS = {"expected"}  # {"messages", "add_generation_prompt", "output"}: a third party's rendering
 
 CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
     "user": [{"role": "user", "content": "Hello!"}],
@@ -96,7 +102,9 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _dsv2_tokenizer(fx: dict[str, Any]) -> Tokenizer:
     backend = tokenizers.Tokenizer.from_file(str(TINY / "tokenizer.json"))
-    return Tokenizer(backend, bos_token=fx["bos_token"], eos_token=fx["eos_token"], chat_template=fx["chat_template"])
+    # An empty bos_token (llama.cpp's cases) means none: the template's {{ bos_token }} renders nothing either way.
+    return Tokenizer(backend, bos_token=fx["bos_token"] or None, eos_token=fx["eos_token"],
+                     chat_template=fx["chat_template"])
 
 
 def _transformers_render(fx: dict[str, Any], messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -133,7 +141,7 @@ def test_fixtures_exist_and_are_well_formed() -> None:
     assert paths, f"no chat-template fixtures in {FIXTURES}"
     for path in paths:
         fx = _load(path)
-        assert set(fx) == FIXTURE_KEYS, path.name
+        assert FIXTURE_KEYS <= set(fx) <= FIXTURE_KEYS | OPTIONAL_KEYS, path.name
         assert isinstance(fx["chat_template"], str) and fx["chat_template"], path.name
         assert isinstance(fx["source"], dict) and fx["source"], path.name
         for token_id, entry in fx["special_tokens"].items():
@@ -173,6 +181,16 @@ def test_dsv2_token_ids_match_encoding_transformers_text(path: Path) -> None:
     assert ids == tok.encode(text, add_bos=False, add_eos=False)
     if fx["bos_token"] and text.startswith(fx["bos_token"]):
         assert isinstance(ids, list) and ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+
+
+@pytest.mark.parametrize("path", [p for p in _fixture_paths() if "expected" in _load(p)], ids=lambda p: p.stem)
+def test_renders_the_output_the_fixture_source_expects(path: Path) -> None:
+    """Both dsv2 and transformers give, byte for byte, the rendering the fixture's source asserts in its own tests."""
+    fx = _load(path)
+    case = fx["expected"]
+    got = _dsv2_tokenizer(fx).apply_chat_template(case["messages"], add_generation_prompt=case["add_generation_prompt"])
+    assert got == case["output"]
+    assert _transformers_render(fx, case["messages"], case["add_generation_prompt"]) == case["output"]
 
 
 def test_pypi_fixture_matches_installed_package() -> None:

@@ -78,6 +78,29 @@ def test_retrieval_documents_answer_their_question_and_reach_the_token_budget(fi
         assert d["text"][: asked.start() + 1].count(planted) == 1  # the fact is in the filler, once
 
 
+def test_retrieval_documents_with_several_needles_answer_every_question_from_the_filler(filler: Filler) -> None:
+    docs = retrieval_documents(filler, 6000, 128, 700, random.Random(1), max_needles=4)
+    counts = []
+    for d in docs:
+        text = d["text"]
+        answered = re.findall(r"\n# What is the pass key of (\w+)\?\n# The pass key of \1 is (\d+)\.", text)
+        names = [name for name, _ in answered]
+        assert answered and len(set(names)) == len(names)
+        first_question = text.index("\n# What is the pass key of")
+        assert text.endswith(f"# The pass key of {answered[-1][0]} is {answered[-1][1]}.\n")
+        for name, key in answered:  # each fact planted once, in the filler before the questions
+            assert text[: first_question + 1].count(f"# The pass key of {name} is {key}.\n") == 1
+            assert text.count(f"# The pass key of {name} is ") == 2
+        assert len(filler.tokenizer.encode(text)) <= 700
+        counts.append(len(answered))
+    assert max(counts) > 1 and min(counts) == 1  # short documents keep one needle, longer ones get more
+
+
+def test_haystack_refuses_two_needles_of_one_name(filler: Filler) -> None:
+    with pytest.raises(ValueError, match="distinct names"):
+        haystack(filler, Needle("amber", 12345), 300, 0.5, random.Random(0), [(Needle("amber", 54321), 0.2)])
+
+
 def test_package_documents_concatenate_each_package_in_path_order(tmp_path: Path) -> None:
     (tmp_path / "pkg" / "sub").mkdir(parents=True)
     (tmp_path / "pkg" / "b.py").write_text("B = 2\n")

@@ -7,8 +7,8 @@ writes two JSONL corpora for `recipes/tiny-long.toml`:
 - long-stdlib.jsonl: each stdlib package's files concatenated in path order, one document per package
   (stdlib_files' order, test directories left out as in pretraining): text whose later parts refer to
   definitions thousands of tokens earlier;
-- long-needles.jsonl: synthetic retrieval documents, a pass key planted at a random depth in stdlib filler
-  and asked for at the end, their tokens a minority (`--needle-share`, default 25%) of everything the stage
+- long-needles.jsonl: synthetic retrieval documents, pass keys planted at random depths in stdlib filler
+  and asked for at the end (one per document, or up to `--max-needles`), their tokens a minority (`--needle-share`, default 25%) of everything the stage
   trains on: these two corpora and the `--mix-with` files (e.g. the pretraining corpus's arithmetic text,
   which keeps the short-context skills in the mix).
 
@@ -87,21 +87,36 @@ class Filler:
         return out
 
 
-def haystack(filler: Filler, needle: Needle, length: int, depth: float, rng: random.Random) -> str:
+def haystack(filler: Filler, needle: Needle, length: int, depth: float, rng: random.Random,
+             others: Sequence[tuple[Needle, float]] = ()) -> str:
     """A prompt of at most `length` tokens (BOS included, as the tokenizer adds it): filler with the needle's
-    line at `depth` (0 = first line, 1 = just before the question) and the question last, so that the
-    answer's tokens are the next ones. Depth is measured in lines of filler, which are near-uniform in tokens."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    line at `depth` (0 = first line, 1 = just before the questions) and its question last, so that the answer's
+    tokens are the next ones. Depth is measured in lines of filler, which are near-uniform in tokens.
+
+    `others` (training documents; the evaluation plants one needle): further needles planted at their depths
+    the same way, each asked and answered, in the given order, before the needle's own question."""
+    for _, d in ((needle, depth), *others):
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {d}")
+    names = [needle.name] + [n.name for n, _ in others]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the needles of one haystack need distinct names, got {names}")
     tok = filler.tokenizer
-    fixed = len(tok.encode(needle.line + needle.question))
+    asked = "".join(n.question + n.answer for n, _ in others) + needle.question
+    fixed = len(tok.encode("".join(n.line for n in (needle, *(o for o, _ in others))) + asked))
     if fixed >= length:
-        raise ValueError(f"a haystack of {length} tokens has no room for filler (the needle and question take {fixed})")
+        raise ValueError(f"a haystack of {length} tokens has no room for filler (the needles and questions take "
+                         f"{fixed})")
     lines = filler.take(length - fixed, rng)
+    planted = sorted([(depth, needle), *((d, n) for n, d in others)], key=lambda x: x[0])
 
     def text() -> str:
-        at = round(depth * len(lines))
-        return "".join(lines[:at]) + needle.line + "".join(lines[at:]) + needle.question
+        out, start = [], 0
+        for d, n in planted:
+            at = max(start, round(d * len(lines)))
+            out += lines[start:at] + [n.line]
+            start = at
+        return "".join(out + lines[start:]) + asked
 
     # Line counts are per line alone; BPE merges across line ends differ a little, so trim until it fits,
     # taking lines from the side away from the needle to keep its depth.
@@ -126,14 +141,21 @@ def package_documents(root: Path | None = None) -> list[str]:
     return ["\n".join(parts) for _, parts in sorted(groups.items())]
 
 
-def retrieval_documents(filler: Filler, n_tokens: int, min_len: int, max_len: int,
-                        rng: random.Random) -> list[dict[str, str]]:
-    """Haystacks of uniformly random length and depth, each with its answer, until n_tokens are written
-    (counted by the haystack's target length)."""
+def retrieval_documents(filler: Filler, n_tokens: int, min_len: int, max_len: int, rng: random.Random,
+                        max_needles: int = 1) -> list[dict[str, str]]:
+    """Haystacks of uniformly random length with 1 to max_needles needles (fewer in short ones) at uniform depths,
+    every question answered, until n_tokens are written (counted by the haystack's target length). Several
+    needles per document give several answers to learn from per document, and make each question name which
+    of the planted keys it wants."""
     out, count = [], 0
     while count < n_tokens:
-        needle, length = draw_needle(rng), rng.randint(min_len, max_len)
-        out.append({"text": haystack(filler, needle, length - 4, rng.random(), rng) + needle.answer + "\n"})
+        length = rng.randint(min_len, max_len)
+        # about 60 tokens per needle (its line, question and answer), leaving at least half the length to filler
+        names = rng.sample(_NAMES, rng.randint(1, max(1, min(max_needles, length // 120))))
+        needles = [Needle(name, rng.randrange(10000, 100000)) for name in names]
+        others = [(n, rng.random()) for n in needles[1:]]
+        out.append({"text": haystack(filler, needles[0], length - 4, rng.random(), rng, others)
+                    + needles[0].answer + "\n"})
         count += length
     return out
 
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048, help="the extension's training length: the longest "
                         "retrieval document")
     parser.add_argument("--min-len", type=int, default=256, help="the shortest retrieval document, in tokens")
+    parser.add_argument("--max-needles", type=int, default=1,
+                        help="needles per retrieval document, at most (about one per 120 tokens of it)")
     parser.add_argument("--needle-share", type=float, default=0.25,
                         help="retrieval documents' share of the tokens written (the rest is long natural text)")
     parser.add_argument("--mix-with", nargs="*", default=[], metavar="JSONL",
@@ -155,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.needle_share < 1.0:
         parser.error(f"--needle-share must be in [0, 1), got {args.needle_share}")
+    if args.max_needles < 1:
+        parser.error(f"--max-needles must be at least 1, got {args.max_needles}")
     if not 0 < args.min_len <= args.seq_len:
         parser.error(f"need 0 < --min-len <= --seq-len, got {args.min_len} and {args.seq_len}")
     tok = Tokenizer.from_dir(args.tokenizer)
@@ -172,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     n_needle = round(natural * args.needle_share / (1 - args.needle_share))
     filler = Filler([r["text"] for r in read_jsonl(out / "stdlib.jsonl")] if (out / "stdlib.jsonl").exists()
                     else docs, tok)
-    records = retrieval_documents(filler, n_needle, args.min_len, args.seq_len, rng)
+    records = retrieval_documents(filler, n_needle, args.min_len, args.seq_len, rng, args.max_needles)
     write_jsonl(out / "long-needles.jsonl", records)
     print(f"{out / 'long-needles.jsonl'}: {len(records)} retrieval documents, ~{n_needle} tokens "
           f"({100 * n_needle / (natural + n_needle):.0f}% of the mix)")

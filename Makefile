@@ -44,8 +44,9 @@ SEED ?= 1
 SFT_ARGS  ?= --steps 300 --batch-size 16 --lr 3e-4
 GRPO_ARGS ?= --steps 1000 --prompts-per-step 16 --group-size 8 --lr 5e-5 --temperature 0.7
 EVAL := $(PY) -m dsv2.cli eval --arith 500 --ppl-text $(DATA)/validation-text.jsonl $(DATA)/stdlib-heldout.jsonl
-# needle in a haystack up to 8,192 tokens (the heatmap lands beside each eval JSON) and the loss by position
-LONG_EVAL := --needle --loss-by-position $(DATA)/stdlib-heldout.jsonl
+# needle in a haystack up to 8,192 tokens (the heatmap lands beside each eval JSON), copying from context and the
+# loss by position
+LONG_EVAL := --needle --copy --loss-by-position $(DATA)/stdlib-heldout.jsonl
 tiny-model: install
 	$(PY) -m dsv2.train.tasks $(DATA) --train 60000 --rl 3000 --stdlib
 	$(PY) -m dsv2.cli train --config recipes/tiny.toml --train.out_dir=$(TINY)/pretrain --train.seed=$(SEED) \

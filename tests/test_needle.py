@@ -4,6 +4,7 @@ loss-by-position evaluation (dsv2.eval.needle, `dsv2 eval --needle`)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from dsv2 import Tokenizer, Transformer, load
 from dsv2.cli import main
-from dsv2.eval.needle import depth_grid, loss_by_position, needle_grid, retrieved, with_context
+from dsv2.eval.needle import copy_loss, depth_grid, loss_by_position, needle_grid, retrieved, with_context
 from dsv2.train.config import TrainConfig
 from dsv2.train.longdocs import Filler, Needle, draw_needle, haystack, package_documents, retrieval_documents
 from dsv2.train.trainer import train
@@ -178,8 +179,10 @@ def test_dsv2_eval_needle_writes_the_grid_and_its_heatmap(tmp_path: Path, capsys
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(ckpt), "--needle", "--needle-lengths", "128", "200", "--needle-depths", "2",
                  "--needle-n", "2", "--needle-filler", str(held_out), "--loss-by-position", str(held_out),
-                 "--loss-by-position-length", "300", "--out", str(out)]) == 0
+                 "--loss-by-position-length", "300", "--copy", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["copy"]["n"] == 40 and result["copy"]["gain"] == pytest.approx(
+        result["copy"]["first"] - result["copy"]["second"])
     grid = result["needle"]
     assert grid["lengths"] == [128, 200] and grid["depths"] == [0.0, 1.0] and grid["extrapolated"] == [200]
     assert all(0.0 <= a <= 1.0 for row in grid["accuracy"] for a in row)
@@ -217,3 +220,42 @@ def test_the_extension_recipe_writes_yarn_and_trains_from_the_pretrained_weights
     # Started from the pretrained weights (a small step away), not from a fresh initialization.
     w0, w1 = base.embed.weight, extended.embed.weight
     assert 0 < (w1 - w0).abs().max() < 0.05 * w0.abs().max()
+
+
+class NgramCopier(torch.nn.Module):
+    """Predicts, after a 4-gram seen before, the token that followed its latest earlier occurrence, and is
+    uniform elsewhere: an induction head in its purest form, to check copy_loss's bookkeeping against."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.anchor = vocab, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        seq = ids[0].tolist()
+        logits = torch.zeros(1, len(seq), self.vocab)
+        for p in range(3, len(seq)):
+            key = seq[p - 3: p + 1]
+            for q in range(p - 1, 2, -1):
+                if seq[q - 3: q + 1] == key and q + 1 < len(seq):
+                    logits[0, p, seq[q + 1]] = 50.0
+                    break
+        return logits
+
+
+def test_copy_loss_tells_a_copier_from_a_model_that_cannot_copy(tok: Tokenizer) -> None:
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(7)) for _ in range(2000)]
+    filler = Filler(["\n".join(" ".join(words[i: i + 6]) for i in range(j, j + 300, 6)) for j in (0, 1000)], tok)
+    uniform = math.log(tok.vocab_size)
+    copier = copy_loss(NgramCopier(tok.vocab_size), filler, n=6, span=48, gap=16)
+    assert copier["second"] < 0.2 * uniform < 0.8 * uniform < copier["first"] and copier["gain"] > 0.6 * uniform
+    blind = copy_loss(Uniform(tok.vocab_size), filler, n=6, span=48, gap=16)  # pays the same twice
+    assert blind["first"] == pytest.approx(uniform) and blind["second"] == pytest.approx(uniform)
+    assert blind["gain"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="span"):
+        copy_loss(Uniform(tok.vocab_size), filler, span=1)
+
+
+class Uniform(NgramCopier):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(1, ids.shape[1], self.vocab)

@@ -42,6 +42,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "suites, which pretraining leaves out)")
     p.add_argument("--needle-plot", default=None, metavar="PNG",
                    help="the heatmap (default: beside --out, its name with .needle.png, when --out is given)")
+    p.add_argument("--copy", action="store_true",
+                   help="loss on a repeated span of held-out filler, first vs second reading: whether the model "
+                   "can copy from its context at all (dsv2.eval.needle.copy_loss)")
     p.add_argument("--loss-by-position", default=None, metavar="FILE",
                    help="held-out documents (JSONL 'text' or a text file) for the loss at each position")
     p.add_argument("--loss-by-position-length", type=int, default=8192, metavar="T",
@@ -81,7 +84,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                     | {"split": args.arith_split})
         if args.humaneval:
             result["humaneval"] = humaneval_pass_at_1(llm, humaneval_problems(args.humaneval_limit), args.max_tokens)
-    if args.needle or args.loss_by_position:
+    if args.needle or args.copy or args.loss_by_position:
         result |= long_context(args, model_dir)
     return result
 
@@ -98,15 +101,19 @@ def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     tok = Tokenizer.from_dir(model_dir)
     model = load(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     context = model.cfg.max_position_embeddings
-    if args.needle:
+    if args.needle or args.copy:
         if args.needle_filler:
             texts = list(documents(Path(args.needle_filler)))
         else:
             texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(tests=True)]
+        filler = Filler(texts, tok)
+    if args.copy:
+        out["copy"] = needle.copy_loss(model, filler)
+    if args.needle:
         positions = needle.n_positions_needed(args.needle_lengths)
         llm = LLM(needle.with_context(model, positions), tokenizer=tok, quantization=args.quantization,
                   max_model_len=positions)
-        grid = needle.needle_grid(llm, Filler(texts, tok), args.needle_lengths,
+        grid = needle.needle_grid(llm, filler, args.needle_lengths,
                                   needle.depth_grid(args.needle_depths), args.needle_n, args.needle_seed, context)
         plot = args.needle_plot or (str(Path(args.out).with_suffix(".needle.png")) if args.out else None)
         if plot:
@@ -132,8 +139,8 @@ def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
 def run_eval(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"error: {args.model} is not a checkpoint directory (no config.json)")
-    if not (args.ppl_text or args.arith or args.humaneval or args.needle or args.loss_by_position):
-        raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N, --humaneval, --needle "
+    if not (args.ppl_text or args.arith or args.humaneval or args.needle or args.copy or args.loss_by_position):
+        raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N, --humaneval, --needle, --copy "
                          "and/or --loss-by-position")
     from dsv2.hardware import check_device
 

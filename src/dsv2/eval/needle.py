@@ -7,6 +7,10 @@ grid's lengths may exceed the checkpoint's `max_position_embeddings`: the model 
 context (rotary positions are computed, not tabled, so the weights are unchanged) and those columns are
 marked as extrapolated in the result.
 
+Copy: the loss on a span of held-out text seen a second time against the loss on its first reading. A model
+that can look a token sequence up in its context (an induction head, what a needle's key needs) predicts the
+second copy almost for free; one that cannot pays the same twice.
+
 Loss by position: the mean next-token loss at each position of long held-out documents, read from their first
 token, in power-of-two position buckets: whether more context keeps helping, and where it stops helping.
 """
@@ -116,6 +120,32 @@ def loss_by_position(model: Transformer, documents: Sequence[Sequence[int]], len
         edges.append(length - 1)
     buckets = [{"positions": [lo, hi], "mean_nll": float(mean[lo:hi].mean())} for lo, hi in zip(edges, edges[1:])]
     return {"length": length, "documents": len(docs), "buckets": buckets}
+
+
+@torch.inference_mode()
+def copy_loss(model: Transformer, filler: Filler, n: int = 40, span: int = 64, gap: int = 32,
+              seed: int = 0) -> dict[str, Any]:
+    """Mean next-token loss (nats) on the first and on the second copy of `span` tokens of filler repeated after
+    `gap` other tokens (BOS, span, gap, span), over n draws; each copy's first token, which nothing announces,
+    is left out. `gain` = first - second: near 0 without copying, near `first` with perfect copying."""
+    if n < 1 or span < 2 or gap < 0:
+        raise ValueError(f"need n >= 1, span >= 2 and gap >= 0, got {n}, {span} and {gap}")
+    tok = filler.tokenizer
+    model.eval()
+    dev = next(model.parameters()).device
+    rng = random.Random(f"copy/{seed}")
+    first = second = 0.0
+    for _ in range(n):
+        a = tok.encode("".join(filler.take(span, rng)), add_bos=False, add_eos=False)[:span]
+        b = tok.encode("".join(filler.take(gap, rng)), add_bos=False, add_eos=False)[:gap] if gap else []
+        o = 0 if tok.bos_id is None else 1
+        ids = torch.tensor([[tok.bos_id] * o + a + b + a], device=dev)
+        nll = F.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:], reduction="none")
+        # nll[p] is the loss of token p + 1; the copies' tokens are o .. o+A-1 and o+A+G .. o+2A+G-1
+        first += float(nll[o: o + len(a) - 1].mean())
+        second += float(nll[o + len(a) + len(b):].mean())
+    return {"n": n, "span": span, "gap": gap, "first": first / n, "second": second / n,
+            "gain": (first - second) / n}
 
 
 def plot_grid(result: dict[str, Any], path: str | Path, title: str) -> Path:

@@ -9,8 +9,8 @@ writes two JSONL corpora for `recipes/tiny-long.toml`:
   definitions thousands of tokens earlier;
 - long-needles.jsonl: synthetic retrieval documents, pass keys planted at random depths in stdlib filler
   and asked for at the end (one per document, or up to `--max-needles`), their tokens a minority
-  (`--needle-share`, default 25%) of everything the stage trains on: these two corpora and the `--mix-with` files (e.g. the pretraining corpus's arithmetic text,
-  which keeps the short-context skills in the mix).
+  (`--needle-share`, default 25%) of everything the stage trains on: these two corpora and the `--mix-with`
+  files (e.g. the pretraining corpus's arithmetic text, which keeps the short-context skills in the mix).
 
 Evaluation draws its needles with the same `haystack` from held-out filler (the stdlib's test suites), so a
 needle the model retrieves at test time is never one it saw in training: names and keys are drawn per cell.

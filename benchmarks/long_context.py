@@ -139,8 +139,9 @@ def run_llama(gguf: str, ctx: int, new: int, rounds: int, threads: int) -> Run:
             # report this process's resident size, which the child holds between fork and exec.
             while proc.poll() is None:
                 try:
-                    peak = max(peak, int(next(ln for ln in open(f"/proc/{proc.pid}/status")
-                                              if ln.startswith("VmHWM:")).split()[1]) * 1024)
+                    status = Path(f"/proc/{proc.pid}/status").read_text()
+                    peak = max(peak, int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1])
+                               * 1024)
                 except (OSError, StopIteration):
                     pass
                 time.sleep(0.05)

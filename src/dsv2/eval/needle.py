@@ -134,14 +134,15 @@ def copy_loss(model: Transformer, filler: Filler, n: int = 40, span: int = 64, g
     model.eval()
     dev = next(model.parameters()).device
     rng = random.Random(f"copy/{seed}")
+    bos = [] if tok.bos_id is None else [tok.bos_id]
     first = second = 0.0
     for _ in range(n):
         a = tok.encode("".join(filler.take(span, rng)), add_bos=False, add_eos=False)[:span]
         b = tok.encode("".join(filler.take(gap, rng)), add_bos=False, add_eos=False)[:gap] if gap else []
-        o = 0 if tok.bos_id is None else 1
-        ids = torch.tensor([[tok.bos_id] * o + a + b + a], device=dev)
+        ids = torch.tensor([bos + a + b + a], device=dev)
         nll = F.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:], reduction="none")
-        # nll[p] is the loss of token p + 1; the copies' tokens are o .. o+A-1 and o+A+G .. o+2A+G-1
+        # nll[p] is the loss of token p + 1; with o = len(bos), the copies are tokens o .. o+A-1 and o+A+G ..
+        o = len(bos)
         first += float(nll[o: o + len(a) - 1].mean())
         second += float(nll[o + len(a) + len(b):].mean())
     return {"n": n, "span": span, "gap": gap, "first": first / n, "second": second / n,

@@ -51,8 +51,12 @@ class Needle:
         return f" {self.key}."
 
 
+def draw_key(rng: random.Random) -> int:
+    return rng.randrange(10000, 100000)
+
+
 def draw_needle(rng: random.Random) -> Needle:
-    return Needle(rng.choice(_NAMES), rng.randrange(10000, 100000))
+    return Needle(rng.choice(_NAMES), draw_key(rng))
 
 
 class Filler:
@@ -152,7 +156,7 @@ def retrieval_documents(filler: Filler, n_tokens: int, min_len: int, max_len: in
         length = rng.randint(min_len, max_len)
         # about 60 tokens per needle (its line, question and answer), leaving at least half the length to filler
         names = rng.sample(_NAMES, rng.randint(1, max(1, min(max_needles, length // 120))))
-        needles = [Needle(name, rng.randrange(10000, 100000)) for name in names]
+        needles = [Needle(name, draw_key(rng)) for name in names]
         others = [(n, rng.random()) for n in needles[1:]]
         out.append({"text": haystack(filler, needles[0], length - 4, rng.random(), rng, others)
                     + needles[0].answer + "\n"})

@@ -1,9 +1,11 @@
-"""Shared helpers: small configurations of the DeepSeek-V2 family and random reference models."""
+"""Shared helpers: small configurations of the DeepSeek-V2 family, random reference models, and each build of
+dsv2's CPU kernels."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ if not torch.cuda.is_available():
 
 from dsv2 import ModelConfig  # noqa: E402
 from dsv2.config import YarnScaling  # noqa: E402
+from dsv2.kernels import native  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the kernel tests run
 
@@ -73,3 +76,26 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+VARIANTS = {
+    "native": native.FLAGS,
+    "avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
+    "scalar": ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
+}
+
+
+def cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+# Each code path dsv2's CPU kernels have (cpu/simd.h): the build for this CPU, AVX2 where the CPU has it, scalar.
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def native_lib(request: pytest.FixtureRequest):  # noqa: ANN201 -- a ctypes.CDLL
+    if request.param == "avx2" and not (cpu_has("avx2") and cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2")
+    return native.open_library(native.build(VARIANTS[request.param]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,30 +14,9 @@ import torch.nn.functional as F
 
 from dsv2.kernels import native, quant
 from dsv2.kernels.quant import Scheme
+from tests.conftest import VARIANTS, cpu_has
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build dsv2's kernels")
-
-VARIANTS = {
-    "native": native.FLAGS,
-    "avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
-    "scalar": ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
-}
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("flags"))
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def lib(request: pytest.FixtureRequest):  # noqa: ANN201 -- a ctypes.CDLL
-    if request.param == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
-        pytest.skip("this CPU has no AVX2")
-    return native.open_library(native.build(VARIANTS[request.param]))
-
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
@@ -46,19 +24,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 16])
 @pytest.mark.parametrize("n", [64, 70])
-def test_int8_matches_reference(lib, rows: int, n: int) -> None:
+def test_int8_matches_reference(native_lib, rows: int, n: int) -> None:
     g = torch.Generator().manual_seed(rows * n)
     qt = quant.quantize(torch.randn(n, 96, generator=g), Scheme("int8"))
     scale = qt.scale.bfloat16()
     x = torch.randn(rows, 96, generator=g)
     ref = F.linear(x.double(), (qt.weight.double() * scale.double()[:, None]))
-    assert _rel(native.int8_mm(x, qt.weight, scale, lib), ref) < 1e-6
+    assert _rel(native.int8_mm(x, qt.weight, scale, native_lib), ref) < 1e-6
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_matches_reference(lib, rows: int, group_size: int, symmetric: bool) -> None:
+def test_int4_matches_reference(native_lib, rows: int, group_size: int, symmetric: bool) -> None:
     g = torch.Generator().manual_seed(rows + group_size)
     n, k = 68, 384  # a last partial block of weight rows; K of 3 groups of 128
     scheme = Scheme("int4", group_size, symmetric)
@@ -68,49 +46,49 @@ def test_int4_matches_reference(lib, rows: int, group_size: int, symmetric: bool
     w = quant.dequantize(quant.QuantizedTensor(qt.weight, scale.float(), zero.float()), scheme, torch.float64)
     x = torch.randn(rows, k, generator=g)
     packed = native.int4_blocks(quant.unpack_int4(qt.weight))
-    y = native.int4_mm(x, packed, scale, zero, group_size, lib)
+    y = native.int4_mm(x, packed, scale, zero, group_size, native_lib)
     assert _rel(y, F.linear(x.double(), w)) < 1e-6
 
 
-def test_bf16_rows_in_and_out(lib) -> None:
+def test_bf16_rows_in_and_out(native_lib) -> None:
     """bf16 activations are widened and the fp32 result rounded once: the fp32 product of the same values."""
     g = torch.Generator().manual_seed(5)
     qt = quant.quantize(torch.randn(40, 128, generator=g), Scheme("int8"))
     scale = qt.scale.bfloat16()
     x = torch.randn(3, 128, generator=g).bfloat16()
-    y = native.int8_mm(x, qt.weight, scale, lib)
+    y = native.int8_mm(x, qt.weight, scale, native_lib)
     assert y.dtype == torch.bfloat16
-    assert torch.equal(y, native.int8_mm(x.float(), qt.weight, scale, lib).bfloat16())
+    assert torch.equal(y, native.int8_mm(x.float(), qt.weight, scale, native_lib).bfloat16())
     q4 = quant.quantize(torch.randn(40, 128, generator=g), Scheme("int4", 32))
     packed, s4 = native.int4_blocks(quant.unpack_int4(q4.weight)), q4.scale.bfloat16()
     z4 = torch.zeros_like(s4)
-    y4 = native.int4_mm(x, packed, s4, z4, 32, lib)
-    assert y4.dtype == torch.bfloat16 and torch.equal(y4, native.int4_mm(x.float(), packed, s4, z4, 32, lib).bfloat16())
+    y4 = native.int4_mm(x, packed, s4, z4, 32, native_lib)
+    assert y4.dtype == torch.bfloat16 and torch.equal(y4, native.int4_mm(x.float(), packed, s4, z4, 32, native_lib).bfloat16())
 
 
-def test_dequantize_to_bf16_matches_reference(lib) -> None:
+def test_dequantize_to_bf16_matches_reference(native_lib) -> None:
     g = torch.Generator().manual_seed(9)
     w = torch.randn(36, 192, generator=g)
     qt = quant.quantize(w, Scheme("int8"))
     scale = qt.scale.bfloat16()
     ref8 = (qt.weight.float() * scale.float()[:, None]).bfloat16()  # exact in fp32, then rounded once
-    assert torch.equal(native.int8_dequant(qt.weight, scale, lib), ref8)
+    assert torch.equal(native.int8_dequant(qt.weight, scale, native_lib), ref8)
     for scheme in (Scheme("int4", 64), Scheme("int4", 32, symmetric=False)):
         qt = quant.quantize(w, scheme)
         scale = qt.scale.bfloat16()
         zero = torch.zeros_like(scale) if qt.zero is None else qt.zero.bfloat16()
         ref = quant.dequantize(quant.QuantizedTensor(qt.weight, scale.float(), zero.float()), scheme)
         out = native.int4_dequant(native.int4_blocks(quant.unpack_int4(qt.weight)), scale, zero, scheme.group_size,
-                                  lib)
+                                  native_lib)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding
 
 
 def test_vector_width_names_the_build() -> None:
     assert native.open_library(native.build(VARIANTS["scalar"])).dsv2_vector_width() == 1
-    if _cpu_has("avx2") and _cpu_has("fma"):
+    if cpu_has("avx2") and cpu_has("fma"):
         assert native.open_library(native.build(VARIANTS["avx2"])).dsv2_vector_width() == 8
-    assert native.library().dsv2_vector_width() == (16 if _cpu_has("avx512f") else 8 if _cpu_has("avx2") else 1)
+    assert native.library().dsv2_vector_width() == (16 if cpu_has("avx512f") else 8 if cpu_has("avx2") else 1)
 
 
 def test_int4_block_layout_round_trips() -> None:

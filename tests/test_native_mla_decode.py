@@ -1,7 +1,8 @@
 """dsv2's CPU decode attention (dsv2.kernels.native.mla_decode, cpu/mla_decode.cpp) against the torch reference of
 the paged-decode contract (dsv2.kernels.gpu.mla_decode_reference): every cache dtype, ragged contexts over
 shuffled blocks whose padding points at NaN or out of range, dims and block sizes that are not whole vectors,
-contexts long enough to be split over threads and merged; called whole from a compiled graph."""
+contexts long enough to be split over threads and merged, on each build of the kernels (conftest.native_lib: this
+CPU's, AVX2, scalar); called whole from a compiled graph."""
 
 from __future__ import annotations
 
@@ -23,17 +24,17 @@ def _cpu(cache, tables, ctx):  # noqa: ANN001, ANN202 -- _paged builds on tests.
 
 @pytest.mark.parametrize("cache_dtype,q_dtype", DTYPES, ids=["fp32", "bf16", "fp8-q32", "fp8-q16", "bf16-q32"])
 @pytest.mark.parametrize("case", CASES, ids=["B1-len1", "B5-ragged", "odd-dims", "H20"])
-def test_matches_reference(case, cache_dtype: torch.dtype, q_dtype: torch.dtype) -> None:
+def test_matches_reference(native_lib, case, cache_dtype: torch.dtype, q_dtype: torch.dtype) -> None:
     lens, H, kv, rope, bs, _ = case
     layer, scales, tables, ctx = _cpu(*_paged(lens, kv, rope, bs, cache_dtype, seed=4))
     q = torch.randn(len(lens), H, kv + rope).to(q_dtype)
     want = mla_decode_reference(q, layer, scales, tables, ctx, bs, kv, 0.25)
-    _check(native.mla_decode(q, layer, scales, tables, ctx, bs, kv, 0.25), want, q_dtype)
+    _check(native.mla_decode_with(native_lib, q, layer, scales, tables, ctx, bs, kv, 0.25), want, q_dtype)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, FP8], ids=["fp32", "bf16", "fp8"])
-def test_long_contexts_split_and_merge(threads: int, cache_dtype: torch.dtype) -> None:
+def test_long_contexts_split_and_merge(native_lib, threads: int, cache_dtype: torch.dtype) -> None:
     """Contexts of several parts (native.MLA_MIN_PART_TOKENS) beside short ones, a last block partly filled, the
     official configs' latent width (512 + 64) and a score range wide enough that the parts' maxima differ a lot."""
     lens, kv, rope, bs = [3000, 1, 700, 257], 512, 64, 16
@@ -43,7 +44,7 @@ def test_long_contexts_split_and_merge(threads: int, cache_dtype: torch.dtype) -
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = native.mla_decode(q, layer, scales, tables, ctx, bs, kv, 576**-0.5)
+        got = native.mla_decode_with(native_lib, q, layer, scales, tables, ctx, bs, kv, 576**-0.5)
     finally:
         torch.set_num_threads(previous)
     # sums of thousands of terms in another order than the reference's: fp32 rounding grows past _check's 1e-5

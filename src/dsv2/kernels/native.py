@@ -211,6 +211,13 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None
     through block_tables (B, max_blocks) -> (B, H, kv_rank) fp32: dsv2.kernels.gpu.mla_decode's contract
     (mla_decode_reference), on the CPU. A torch custom op so that a compiled decode graph calls it whole.
     scales (slots, 2) fp32 for an fp8 cache."""
+    return mla_decode_with(library(), q, cache, scales, block_tables, ctx_lens, block_size, kv_rank, softmax_scale)
+
+
+def mla_decode_with(lib: ctypes.CDLL, q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None,
+                    block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, kv_rank: int,
+                    softmax_scale: float) -> torch.Tensor:
+    """mla_decode on a given build of the kernels (the tests run each code path the source has)."""
     if cache.dtype not in MLA_CACHE_TYPES:
         raise ValueError(f"the CPU decode attention reads fp32, bf16 or fp8 e4m3 caches, not {cache.dtype}")
     if cache.dtype == torch.float8_e4m3fn and scales is None:
@@ -223,7 +230,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor | None
     cache = cache.contiguous()  # bound to names: the kernel reads through raw pointers, which must outlive the call
     scales = scales.float().contiguous() if fp8 else None
     out = torch.empty(B, H, kv_rank, dtype=torch.float32)
-    library().dsv2_mla_decode(
+    lib.dsv2_mla_decode(
         qf.data_ptr(), cache.data_ptr(), MLA_CACHE_TYPES[cache.dtype], scales.data_ptr() if fp8 else None,
         _fp8_values().data_ptr() if fp8 else None, tables.data_ptr(), lens.data_ptr(), B, tables.shape[1],
         block_size, H, D, kv_rank, softmax_scale, MLA_MIN_PART_TOKENS, out.data_ptr(), torch.get_num_threads())

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dsv2.cli import main as cli_main
-from dsv2.tokenizer import BOS_TOKEN, EOS_TOKEN, StreamDecoder, Tokenizer, named_tokenizer_dir, train_bpe
+from dsv2.tokenizer import (BOS_TOKEN, EOS_TOKEN, FIM_BEGIN, FIM_END, FIM_HOLE, StreamDecoder, Tokenizer,
+                            named_tokenizer_dir, train_bpe)
 
 V2_DIR = named_tokenizer_dir("deepseek-v2")
 STDLIB = Path(os.path.dirname(os.__file__))
@@ -437,7 +438,11 @@ def test_trained_tokenizer_layout(trained: Tokenizer, trained_dir: Path) -> None
     v2_json = json.loads((V2_DIR / "tokenizer.json").read_text(encoding="utf-8"))
     for key in ("normalizer", "pre_tokenizer", "decoder"):
         assert saved[key] == v2_json[key]
-    assert len(saved["model"]["merges"]) == 1000 - 256 - 2
+    assert len(saved["model"]["merges"]) == 1000 - 256 - 5
+    # the FIM markers are reserved special tokens, so pretraining can teach fill-in-the-middle
+    assert [trained.added_token_id(t) for t in (FIM_BEGIN, FIM_HOLE, FIM_END)] == [2, 3, 4]
+    assert trained.supports_fim
+    assert trained.fim_prompt("a = ", "\n")[:2] == [0, 2]
     v2_config = json.loads((V2_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert trained.chat_template == v2_config["chat_template"]
 
@@ -472,8 +477,8 @@ def test_cli_train_and_encode(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert json.loads(capsys.readouterr().out) == tok.encode("def f(): pass") and tok.encode("x")[0] == 0
     assert cli_main(["tokenizer", "encode", "--no-bos", "Hello world"]) == 0
     assert json.loads(capsys.readouterr().out) == [17464, 1843]
-    with pytest.raises(SystemExit, match="vocab_size must exceed 258"):
-        cli_main(["tokenizer", "train", "--input", *files, "--vocab-size", "258", "--out", str(out)])
+    with pytest.raises(SystemExit, match="vocab_size must exceed 261"):
+        cli_main(["tokenizer", "train", "--input", *files, "--vocab-size", "261", "--out", str(out)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -493,10 +498,10 @@ def test_train_errors(tmp_path: Path) -> None:
         train_bpe([], 500, tmp_path / "o")
     with pytest.raises(TypeError, match="not one path"):
         train_bpe(str(good), 500, tmp_path / "o")
-    with pytest.raises(ValueError, match=r"must exceed 258 .* got 258"):
-        train_bpe([good], 258, tmp_path / "o")
+    with pytest.raises(ValueError, match=r"must exceed 261 .* got 261"):
+        train_bpe([good], 261, tmp_path / "o")
     assert not (tmp_path / "o").exists()
-    assert train_bpe([good], 259, tmp_path / "o", show_progress=False).vocab_size <= 259
+    assert train_bpe([good], 262, tmp_path / "o", show_progress=False).vocab_size <= 262
 
 
 def _copy_v2(dst: Path) -> Path:

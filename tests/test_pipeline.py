@@ -1,5 +1,6 @@
-"""The whole recipe at minute scale, as `make tiny-model` runs it at full scale: data -> tokenizer + pretrain
--> context extension -> SFT -> GRPO -> eval -> serve through the engine. Each stage's output must load in the next."""
+"""The whole recipe at minute scale, as `make tiny-model` runs it at full scale: data (with FIM documents) ->
+tokenizer + pretrain -> context extension -> SFT -> GRPO -> eval -> serve through the engine. Each stage's output
+must load in the next."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from dsv2 import LLM, SamplingParams, load
 from dsv2.cli import main
+from dsv2.train.fim import main as fim_main
 from dsv2.train.longdocs import main as longdocs_main
 from dsv2.train.tasks import main as tasks_main
 
@@ -17,8 +19,13 @@ from dsv2.train.tasks import main as tasks_main
 def test_every_stage_feeds_the_next(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data, runs = tmp_path / "data", tmp_path / "runs"
     tasks_main([str(data), "--train", "300", "--rl", "20", "--validation", "20", "--test", "20"])
+    code = data / "code.jsonl"  # a small source tree stands in for the stdlib
+    sources = sorted(Path(json.__file__).parent.glob("*.py"))
+    code.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in sources))
+    assert fim_main([str(code), str(data / "fim.jsonl"), "--fraction", "0.5"]) == 0
     recipe = Path(__file__).parents[1] / "recipes" / "tiny.toml"
-    assert main(["train", "--config", str(recipe), f"--data.paths=[\"{data / 'train-text.jsonl'}\"]",
+    paths = json.dumps([str(data / n) for n in ("train-text.jsonl", "fim.jsonl")])
+    assert main(["train", "--config", str(recipe), f"--data.paths={paths}",
                  f"--train.out_dir={runs / 'pre'}", "--train.steps=3", "--train.batch_size=4",
                  "--train.micro_batch_size=4", "--data.seq_len=64", "--data.tokenizer=bpe:600",
                  "--train.checkpoint_every=3", "--optim.warmup_steps=1"]) == 0
@@ -45,9 +52,11 @@ def test_every_stage_feeds_the_next(tmp_path: Path, capsys: pytest.CaptureFixtur
                  "--max-tokens", "8"]) == 0
     final = runs / "grpo" / "final"
     capsys.readouterr()
-    assert main(["eval", "--model", str(final), "--arith", "4", "--max-tokens", "8"]) == 0
+    assert main(["eval", "--model", str(final), "--arith", "4", "--max-tokens", "8", "--fim", "3",
+                 "--fim-source", str(code)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["arithmetic"]["n"] == 4 and 0.0 <= report["arithmetic"]["accuracy"] <= 1.0
+    assert report["fim"]["n"] == 3  # the BPE reserved the FIM tokens, so the final model takes FIM prompts
     [out] = LLM(final, max_cache_tokens=512).chat([{"role": "user", "content": "What is 2 + 3?"}],
                                                   SamplingParams(max_tokens=8, temperature=0))
     assert out.outputs[0].finish_reason in ("stop", "length") and out.outputs[0].token_ids

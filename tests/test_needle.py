@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from dsv2 import Tokenizer, Transformer, load
 from dsv2.cli import main
-from dsv2.eval.needle import copy_loss, depth_grid, loss_by_position, needle_grid, retrieved, with_context
+from dsv2.eval.needle import (attention_probs, copy_loss, depth_grid, head_scores, loss_by_position, needle_grid,
+                              retrieved, with_context)
 from dsv2.train.config import TrainConfig
 from dsv2.train.longdocs import Filler, Needle, draw_needle, haystack, package_documents, retrieval_documents
 from dsv2.train.trainer import train
@@ -254,6 +255,47 @@ def test_copy_loss_tells_a_copier_from_a_model_that_cannot_copy(tok: Tokenizer) 
     assert blind["gain"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="span"):
         copy_loss(Uniform(tok.vocab_size), filler, span=1)
+
+
+def test_attention_probs_are_the_weights_each_layer_applies() -> None:
+    """Recomputed weights times each layer's values give exactly what its attention returned."""
+    from dsv2.model.mla import MLA
+
+    model = randomize_(Transformer(small_config()), seed=3).eval()
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append((mod, args, out)))
+             for m in model.modules() if isinstance(m, MLA)]
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 23))
+    with torch.no_grad():
+        logits, probs = attention_probs(model, ids)
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(logits, model(ids))
+        assert probs.shape == (model.cfg.num_hidden_layers, model.cfg.num_attention_heads, 23, 23)
+        assert torch.all(probs.triu(1) == 0) and torch.allclose(probs.sum(-1), torch.ones(()))
+        for (attn, (x, cos, sin, *_), out), p in zip(outputs, probs):
+            c_kv = attn.project(x, cos, sin)[2]
+            v = attn.wkv_b(c_kv).view(1, 23, attn.n_heads, -1)[..., attn.nope_dim:]
+            o = torch.einsum("hts,shd->thd", p, v[0]).flatten(-2)
+            torch.testing.assert_close(attn.wo(o)[None], out, atol=1e-5, rtol=1e-4)
+
+
+def test_head_scores_find_a_previous_token_head_and_an_induction_head() -> None:
+    start, span, gap = 1, 6, 3
+    T = start + 2 * span + gap - 1
+    probs = torch.zeros(1, 3, T, T)
+    for t in range(T):
+        probs[0, 0, t, max(t - 1, 0)] = 1.0  # previous token
+        probs[0, 2, t, : t + 1] = 1.0 / (t + 1)  # uniform
+        probs[0, 1, t, t] = 1.0  # itself, except in the second copy: the first copy's next token
+    for i in range(span - 1):
+        q = start + span + gap + i
+        probs[0, 1, q] = 0.0
+        probs[0, 1, q, start + i + 1] = 1.0
+    previous, induction = head_scores(probs, start, span, gap)
+    assert previous[0, 0] == 1 and induction[0, 1] == 1
+    assert previous[0, 1] == 0 and induction[0, 0] == 0
+    assert 0 < previous[0, 2] < 0.5 and 0 < induction[0, 2] < 0.2
 
 
 class Uniform(NgramCopier):

@@ -9,7 +9,8 @@ marked as extrapolated in the result.
 
 Copy: the loss on a span of held-out text seen a second time against the loss on its first reading. A model
 that can look a token sequence up in its context (an induction head, what a needle's key needs) predicts the
-second copy almost for free; one that cannot pays the same twice.
+second copy almost for free; one that cannot pays the same twice. Beside it, the attention weights that show
+which heads look at the previous token and which look up the copy.
 
 Loss by position: the mean next-token loss at each position of long held-out documents, read from their first
 token, in power-of-two position buckets: whether more context keeps helping, and where it stops helping.
@@ -127,7 +128,12 @@ def copy_loss(model: Transformer, filler: Filler, n: int = 40, span: int = 64, g
               seed: int = 0) -> dict[str, Any]:
     """Mean next-token loss (nats) on the first and on the second copy of `span` tokens of filler repeated after
     `gap` other tokens (BOS, span, gap, span), over n draws; each copy's first token, which nothing announces,
-    is left out. `gain` = first - second: near 0 without copying, near `first` with perfect copying."""
+    is left out. `gain` = first - second: near 0 without copying, near `first` with perfect copying.
+
+    `heads`: per layer and head, the mean attention weight (from the same forward passes) on the previous token
+    (`previous_token`, over every position) and, from each token of the second copy, on the token that followed
+    it in the first (`induction`): an induction head, which copying needs, puts most of its weight there; it
+    usually reads a previous-token head of an earlier layer."""
     if n < 1 or span < 2 or gap < 0:
         raise ValueError(f"need n >= 1, span >= 2 and gap >= 0, got {n}, {span} and {gap}")
     tok = filler.tokenizer
@@ -136,17 +142,63 @@ def copy_loss(model: Transformer, filler: Filler, n: int = 40, span: int = 64, g
     rng = random.Random(f"copy/{seed}")
     bos = [] if tok.bos_id is None else [tok.bos_id]
     first = second = 0.0
+    previous = induction = torch.zeros(())
     for _ in range(n):
         a = tok.encode("".join(filler.take(span, rng)), add_bos=False, add_eos=False)[:span]
         b = tok.encode("".join(filler.take(gap, rng)), add_bos=False, add_eos=False)[:gap] if gap else []
         ids = torch.tensor([bos + a + b + a], device=dev)
-        nll = F.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:], reduction="none")
+        logits, probs = attention_probs(model, ids[:, :-1])
+        nll = F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none")
         # nll[p] is the loss of token p + 1; with o = len(bos), the copies are tokens o .. o+A-1 and o+A+G ..
         o = len(bos)
         first += float(nll[o: o + len(a) - 1].mean())
         second += float(nll[o + len(a) + len(b):].mean())
+        p_prev, p_ind = head_scores(probs, o, len(a), len(b))
+        previous, induction = previous + p_prev / n, induction + p_ind / n
     return {"n": n, "span": span, "gap": gap, "first": first / n, "second": second / n,
-            "gain": (first - second) / n}
+            "gain": (first - second) / n,
+            "heads": {"previous_token": _rounded(previous), "induction": _rounded(induction)}}
+
+
+def _rounded(t: torch.Tensor) -> list[list[float]]:
+    return [[round(v, 3) for v in row] for row in t.tolist()]
+
+
+def attention_probs(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one sequence ids (1, T) and every layer's causal attention weights (L, heads, T, T),
+    recomputed from what each MLA receives (forward pre-hooks; the model is not changed)."""
+    from dsv2.model.mla import MLA
+
+    inputs: list[tuple[MLA, tuple[Any, ...]]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args)))
+             for m in model.modules() if isinstance(m, MLA)]
+    try:
+        logits = model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    probs = []
+    for attn, (x, cos, sin, *_) in inputs:
+        q_nope, q_pe, c_kv, k_pe = attn.project(x, cos, sin)
+        B, T, nh, _ = q_nope.shape
+        k_nope = attn.wkv_b(c_kv).view(B, T, nh, -1)[..., : attn.nope_dim]
+        scores = (torch.einsum("bthd,bshd->bhts", q_nope, k_nope)
+                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * attn.softmax_scale
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        probs.append(scores.float().masked_fill(~causal, float("-inf")).softmax(-1)[0])
+    T = ids.shape[1]
+    return logits, torch.stack(probs) if probs else torch.zeros(0, 0, T, T)  # (a model without MLA: no heads)
+
+
+def head_scores(probs: torch.Tensor, start: int, span: int, gap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs (L, heads, T, T) over [start tokens, span, gap, span] -> (L, heads) mean weight on the previous
+    token, and from the second copy's token i on the first copy's token i + 1."""
+    T = probs.shape[-1]
+    t = torch.arange(1, T)
+    previous = probs[..., t, t - 1].mean(-1)
+    i = torch.arange(min(span - 1, T - start - span - gap))
+    induction = probs[..., start + span + gap + i, start + i + 1].mean(-1)
+    return previous, induction
 
 
 def plot_grid(result: dict[str, Any], path: str | Path, title: str) -> Path:

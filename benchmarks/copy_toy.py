@@ -1,12 +1,14 @@
 """Can dsv2's Transformer learn to copy from its context, and how soon? (README, Long context.)
 
 The tiny config (the shipped model's shape) from random N(0, --init-std) weights, trained in a plain loop (AdamW,
-lr 1e-3, no weight decay, no schedule) on sequences of --length random symbols (of --symbols) repeated once. The
+--lr 1e-3, no weight decay, no schedule) on sequences of --length random symbols (of --symbols) repeated once. The
 first half is unpredictable (ln symbols nats per token at best); the second half costs nothing to a model that
 copies. Prints both halves' training loss every 100 steps.
 
     python benchmarks/copy_toy.py --init-std 0.02
     python benchmarks/copy_toy.py --init-std 0.006   # the tiny recipe's init
+    python benchmarks/copy_toy.py --length 32 --steps 900   # longer spans: a later onset
+    python benchmarks/copy_toy.py --length 32 --symbols 512   # a larger alphabet: none within 300 steps
 """
 
 from __future__ import annotations

@@ -116,3 +116,5 @@ def test_eval_fim_needs_a_tokenizer_with_the_markers() -> None:
 
     with pytest.raises(SystemExit, match="has no fill-in-the-middle tokens"):
         cli_main(["eval", "--model", str(default_model_dir()), "--fim", "4"])
+    with pytest.raises(SystemExit, match="--fim-source: no such file: /nonexistent.jsonl"):
+        cli_main(["eval", "--model", str(default_model_dir()), "--fim", "4", "--fim-source", "/nonexistent.jsonl"])

@@ -15,7 +15,8 @@ from dsv2.train.data import documents
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, arithmetic exact-match, HumanEval pass@1")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, arithmetic exact-match, HumanEval pass@1, "
+                                    "FIM exact match, long context")
     p.add_argument("--model", required=True, help="checkpoint directory with tokenizer files")
     p.add_argument("--ppl-text", nargs="+", default=[], metavar="FILE",
                    help="held-out text for perplexity, one result per file: UTF-8 text, or JSONL whose 'text' "
@@ -170,6 +171,9 @@ def run_eval(args: argparse.Namespace) -> int:
                          "--copy and/or --loss-by-position")
     if args.fim < 0:
         raise SystemExit(f"error: --fim must not be negative, got {args.fim}")
+    for flag, path in (("--fim-source", args.fim_source), ("--needle-filler", args.needle_filler)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"error: {flag}: no such file: {path}")
     if args.fim:
         from dsv2 import Tokenizer
 

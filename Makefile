@@ -50,22 +50,44 @@ EVAL := $(PY) -m dsv2.cli eval --arith 500 --ppl-text $(DATA)/validation-text.js
 # needle in a haystack up to 8,192 tokens (the heatmap lands beside each eval JSON), copying from context and the
 # loss by position
 LONG_EVAL := --needle --copy --loss-by-position $(DATA)/stdlib-heldout.jsonl
-tiny-model: install
+# Each stage is a target whose .done marker make writes when it succeeds, so an interrupted `make tiny-model`
+# picks up where it stopped: finished stages are skipped and the interrupted training continues from its newest
+# checkpoint (--resume when its out_dir holds one; SFT, a few minutes, reruns whole).
+resume = $(if $(wildcard $(1)/checkpoints/*),--resume)
+tiny-model: $(TINY)/eval-grpo.json
+
+$(DATA)/.done: | install
 	$(PY) -m dsv2.train.tasks $(DATA) --train 60000 --rl 3000 --stdlib
 	$(PY) -m dsv2.train.fim $(DATA)/stdlib.jsonl $(DATA)/stdlib-fim.jsonl --fraction 0.25
+	touch $@
+$(TINY)/pretrain/.done: $(DATA)/.done
 	$(PY) -m dsv2.cli train --config recipes/tiny.toml --train.out_dir=$(TINY)/pretrain --train.seed=$(SEED) \
-		--data.paths='["$(DATA)/stdlib.jsonl", "$(DATA)/stdlib-fim.jsonl", "$(DATA)/train-text.jsonl"]'
-	$(EVAL) --model $(TINY)/pretrain/final --arith-format text $(LONG_EVAL) --out $(TINY)/eval-pretrain.json
+		--data.paths='["$(DATA)/stdlib.jsonl", "$(DATA)/stdlib-fim.jsonl", "$(DATA)/train-text.jsonl"]' \
+		$(call resume,$(TINY)/pretrain)
+	touch $@
+$(TINY)/eval-pretrain.json: $(TINY)/pretrain/.done
+	$(EVAL) --model $(TINY)/pretrain/final --arith-format text $(LONG_EVAL) --out $@
+$(TINY)/long/.done: $(TINY)/eval-pretrain.json
 	$(PY) -m dsv2.train.longdocs $(DATA) --tokenizer $(TINY)/pretrain/final --mix-with $(DATA)/train-text.jsonl
 	$(PY) -m dsv2.cli train --config recipes/tiny-long.toml --train.out_dir=$(TINY)/long --train.seed=$(SEED) \
 		--model.config=$(TINY)/pretrain/final --model.init_from=$(TINY)/pretrain/final \
 		--data.tokenizer=$(TINY)/pretrain/final \
-		--data.paths='["$(DATA)/long-stdlib.jsonl", "$(DATA)/long-needles.jsonl", "$(DATA)/train-text.jsonl"]'
-	$(EVAL) --model $(TINY)/long/final --arith-format text $(LONG_EVAL) --out $(TINY)/eval-long.json
+		--data.paths='["$(DATA)/long-stdlib.jsonl", "$(DATA)/long-needles.jsonl", "$(DATA)/train-text.jsonl"]' \
+		$(call resume,$(TINY)/long)
+	touch $@
+$(TINY)/eval-long.json: $(TINY)/long/.done
+	$(EVAL) --model $(TINY)/long/final --arith-format text $(LONG_EVAL) --out $@
+$(TINY)/sft/.done: $(TINY)/eval-long.json
 	$(PY) -m dsv2.cli sft --model $(TINY)/long/final --data $(DATA)/train-sft.jsonl --out $(TINY)/sft $(SFT_ARGS)
-	$(EVAL) --model $(TINY)/sft/final --out $(TINY)/eval-sft.json
-	$(PY) -m dsv2.cli grpo --model $(TINY)/sft/final --data $(DATA)/rl-grpo.jsonl --out $(TINY)/grpo $(GRPO_ARGS)
-	$(EVAL) --model $(TINY)/grpo/final --humaneval $(LONG_EVAL) --out $(TINY)/eval-grpo.json
+	touch $@
+$(TINY)/eval-sft.json: $(TINY)/sft/.done
+	$(EVAL) --model $(TINY)/sft/final --out $@
+$(TINY)/grpo/.done: $(TINY)/eval-sft.json
+	$(PY) -m dsv2.cli grpo --model $(TINY)/sft/final --data $(DATA)/rl-grpo.jsonl --out $(TINY)/grpo $(GRPO_ARGS) \
+		$(call resume,$(TINY)/grpo)
+	touch $@
+$(TINY)/eval-grpo.json: $(TINY)/grpo/.done
+	$(EVAL) --model $(TINY)/grpo/final --humaneval $(LONG_EVAL) --out $@
 
 SHIPPED := src/dsv2/assets/dsv2-tiny
 ship:

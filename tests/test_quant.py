@@ -93,7 +93,7 @@ def test_quantized_experts_match_their_loop_reference(scheme: Scheme) -> None:
     moe = randomize_(MoE(CFG), seed=3).eval()
     quant.quantize_(moe, scheme)
     assert isinstance(moe.experts, quant.QuantExperts)
-    for n_tokens in (1, 2, 30):  # matrix-vector chains, and the grouped path past one assignment per expert
+    for n_tokens in (1, 2, 30):  # one native call per layer where built (<= 16 tokens), else the grouped path
         x = torch.randn(n_tokens, CFG.hidden_size, generator=torch.Generator().manual_seed(n_tokens))
         with torch.no_grad():
             routing = moe.gate(x)

@@ -95,7 +95,9 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.dsv2_int8_dequant.argtypes = [p, p, p, i, i, ctypes.c_int]
     lib.dsv2_int4_dequant.argtypes = [p, p, p, p, i, i, i, ctypes.c_int]
     lib.dsv2_mla_decode.argtypes = [p, p, c, p, p, p, p, i, i, i, i, i, i, ctypes.c_float, i, p, c]
-    for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant, lib.dsv2_mla_decode):
+    lib.dsv2_experts.argtypes = [c, p, i, i, i, i, p, c, p, p, i, i, p, c, c]
+    for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant, lib.dsv2_mla_decode,
+              lib.dsv2_experts):
         f.restype = None
     lib.dsv2_vector_width.argtypes, lib.dsv2_vector_width.restype = [], ctypes.c_int
     return lib
@@ -158,6 +160,33 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.T
     y = torch.empty(xr.shape[0], n, dtype=xr.dtype)
     (lib or library()).dsv2_int4_mm(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), xr.data_ptr(), bf, y.data_ptr(),
                                     bf, xr.shape[0], n, k, group_size, torch.get_num_threads())
+    return y
+
+
+def expert_table(w13: list[tuple[torch.Tensor, ...]], w2: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """The (E, 6) address table `experts` reads: per expert w13's (q, scale, zero) then w2's, zero absent (0) for
+    int8. The caller keeps the tensors alive (and contiguous) for as long as the table is used."""
+    def row(parts: tuple[torch.Tensor, ...]) -> list[int]:
+        return [t.data_ptr() for t in parts] + [0] * (3 - len(parts))
+    return torch.tensor([row(a) + row(b) for a, b in zip(w13, w2, strict=True)], dtype=torch.int64)
+
+
+def experts(bits: int, table: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+            hidden: int, group_size: int = 0, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The routed experts of a decode step in one native call: x (T, H) -> sum over each token's K choices
+    (indices, weights (T, K), ids below E) of weight * W2_e(silu(gate) * up), [gate; up] = W13_e x, with the
+    int8 (bits 8) or int4 (bits 4, `int4_blocks` layout, groups of group_size) weights of `expert_table`.
+    hidden: the experts' intermediate size I. Intermediates are fp32; the result is in x's dtype when that is
+    bf16 or fp32. Each expert's weights are read once for all the tokens that chose it."""
+    t, h = x.shape
+    xr = _rows(x, h)
+    bf = xr.dtype == torch.bfloat16
+    idx = indices.to(torch.int64).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    y = torch.empty(t, h, dtype=xr.dtype)
+    (lib or library()).dsv2_experts(bits, table.data_ptr(), table.shape[0], h, hidden, group_size, xr.data_ptr(), bf,
+                                    idx.data_ptr(), w.data_ptr(), t, idx.shape[1], y.data_ptr(), bf,
+                                    torch.get_num_threads())
     return y
 
 

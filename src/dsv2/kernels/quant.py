@@ -381,16 +381,23 @@ class QuantLinear(nn.Module):
 
 
 class QuantExperts(nn.Module):
-    """Inference-only routed experts on quantized per-expert weights, with Experts' eager inference paths."""
+    """Inference-only routed experts on quantized per-expert weights. Up to native.MAX_ROWS tokens (decode
+    steps) run as one native call per layer where dsv2's kernels hold every expert (`native.experts`); otherwise
+    Experts' eager inference paths, a product per expert matrix."""
 
     def __init__(self, w13: Sequence[QuantWeight], w2: Sequence[QuantWeight]) -> None:
         super().__init__()
         self.n_experts, self.hidden = len(w13), w2[0].shape[1]
         self.w13, self.w2 = list(w13), list(w2)
+        self._native = _native_experts(self.w13, self.w2)
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         if routing.kept is not None or torch.is_grad_enabled():
             raise RuntimeError("quantized experts are for inference only (no autograd, no token dropping)")
+        if self._native is not None and x_TH.shape[0] <= native.MAX_ROWS:
+            bits, table, group_size = self._native
+            y = native.experts(bits, table, x_TH, routing.indices, routing.weights, self.hidden, group_size)
+            return y.to(x_TH.dtype)
         return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, linear=_qmm)
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
@@ -400,6 +407,19 @@ class QuantExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, {type(self.w13[0]).__name__}"
+
+
+def _native_experts(w13: Sequence[QuantWeight], w2: Sequence[QuantWeight]
+                    ) -> tuple[int, torch.Tensor, int] | None:
+    """(bits, address table, group size) for native.experts when its kernels multiply every expert matrix, else
+    None. The table points into the weights' tensors, which the QuantExperts holding both keeps alive."""
+    every = [*w13, *w2]
+    if all(isinstance(w, Int8Weight) and w.native for w in every):
+        return 8, native.expert_table([(w.q, w.scale) for w in w13], [(w.q, w.scale) for w in w2]), 0
+    if all(isinstance(w, Int4BlockWeight) for w in every) and len({w.group_size for w in every}) == 1:
+        table = native.expert_table([(w.packed, w.scale, w.zero) for w in w13], [(w.packed, w.scale, w.zero) for w in w2])
+        return 4, table, every[0].group_size
+    return None
 
 
 def targets(model: nn.Module, scheme: Scheme) -> dict[str, Scheme]:

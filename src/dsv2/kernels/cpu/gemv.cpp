@@ -179,43 +179,52 @@ struct Int4Args {
     }
 };
 
-// x (R, K) fp32, y (R, ldy) fp32: y[r, n] for n < N. K a multiple of 16. nthreads: the caller's (torch's) count.
+// One block of MR weight rows (block b: rows b * MR onwards) of y (R, ldy) = x (R, K) @ W.T, the unit the
+// parallel loops share out. A last partial block runs one row at a time. int8: K a multiple of 16.
+static inline void int8_block(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t R, int64_t N,
+                              int64_t K, int64_t ldy, int64_t b) {
+    const int64_t n0 = b * MR;
+    if (n0 + MR <= N) {
+        rows<MR>(R, Int8Args{q, scale, x, y, K, ldy, n0});
+    } else {
+        for (int64_t n = n0; n < N; ++n) rows<1>(R, Int8Args{q, scale, x, y, K, ldy, n});
+    }
+}
+
+// int4: K a multiple of G, G a multiple of 32, K / G at most MAX_GROUPS. s, z: the calling thread's buffers of
+// MR * MAX_GROUPS floats, which take this block's scales and zeros in fp32.
+constexpr int64_t MAX_GROUPS = 1024;
+static inline void int4_block(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y,
+                              int64_t R, int64_t N, int64_t K, int64_t G, int64_t ldy, int64_t b, float* s, float* z) {
+    const int64_t groups = K / G, n0 = b * MR, rows_here = N - n0 < MR ? N - n0 : MR;
+    for (int64_t j = 0; j < rows_here * groups; ++j) {
+        s[j] = bf16(scale[n0 * groups + j]);
+        z[j] = bf16(zero[n0 * groups + j]);
+    }
+    if (rows_here == MR) {
+        rows<MR>(R, Int4Args{q, s, z, x, y, K, G, ldy, n0});
+    } else {
+        for (int64_t i = 0; i < rows_here; ++i)
+            rows<1>(R, Int4Args{q, s + i * groups, z + i * groups, x, y, K, G, ldy, n0 + i});
+    }
+}
+
+// x (R, K) fp32, y (R, ldy) fp32: y[r, n] for n < N. nthreads: the caller's (torch's) count.
 static void int8_mm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t R, int64_t N, int64_t K,
                     int64_t ldy, int nthreads) {
     const int64_t blocks = (N + MR - 1) / MR;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * MR;
-        if (n0 + MR <= N) {
-            rows<MR>(R, Int8Args{q, scale, x, y, K, ldy, n0});
-        } else {
-            for (int64_t n = n0; n < N; ++n) rows<1>(R, Int8Args{q, scale, x, y, K, ldy, n});
-        }
-    }
+    for (int64_t b = 0; b < blocks; ++b) int8_block(q, scale, x, y, R, N, K, ldy, b);
 }
 
-// K a multiple of G, G a multiple of 32, K / G at most MAX_GROUPS.
-constexpr int64_t MAX_GROUPS = 1024;
 static void int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y, int64_t R,
                     int64_t N, int64_t K, int64_t G, int64_t ldy, int nthreads) {
-    const int64_t blocks = (N + MR - 1) / MR, groups = K / G;
+    const int64_t blocks = (N + MR - 1) / MR;
 #pragma omp parallel num_threads(nthreads)
     {
         alignas(64) float s[MR * MAX_GROUPS], z[MR * MAX_GROUPS];
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t n0 = b * MR, rows_here = N - n0 < MR ? N - n0 : MR;
-            for (int64_t j = 0; j < rows_here * groups; ++j) {
-                s[j] = bf16(scale[n0 * groups + j]);
-                z[j] = bf16(zero[n0 * groups + j]);
-            }
-            if (rows_here == MR) {
-                rows<MR>(R, Int4Args{q, s, z, x, y, K, G, ldy, n0});
-            } else {
-                for (int64_t i = 0; i < rows_here; ++i)
-                    rows<1>(R, Int4Args{q, s + i * groups, z + i * groups, x, y, K, G, ldy, n0 + i});
-            }
-        }
+        for (int64_t b = 0; b < blocks; ++b) int4_block(q, scale, zero, x, y, R, N, K, G, ldy, b, s, z);
     }
 }
 
@@ -239,6 +248,87 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even
 static void narrow(const float* y, uint16_t* out, int64_t n, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) out[i] = to_bf16(y[i]);
+}
+
+// The routed experts of a decode step in one call (dsv2_experts below). An expert's two matrices, each as its
+// kernel reads it: int8 (q, scale) or int4 (q, scale, zero) by `bits`.
+struct QMat {
+    const void* q;
+    const uint16_t *scale, *zero;
+};
+
+static inline void qblock(int bits, const QMat& w, const float* x, float* y, int64_t R, int64_t N, int64_t K, int64_t G,
+                          int64_t ldy, int64_t b, float* s, float* z) {
+    if (bits == 8)
+        int8_block(static_cast<const int8_t*>(w.q), w.scale, x, y, R, N, K, ldy, b);
+    else
+        int4_block(static_cast<const uint8_t*>(w.q), w.scale, w.zero, x, y, R, N, K, G, ldy, b, s, z);
+}
+
+static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_t I, int64_t G, const float* x,
+                    const int64_t* idx, const float* wts, int64_t T, int64_t K, float* y, int nthreads) {
+    const int64_t P = T * K, I2 = 2 * I;
+    // The (token, slot) pairs sorted by expert, tokens ascending within one (a counting sort), and each active
+    // expert's run of them: an expert chosen by several tokens reads its weights once for all of them.
+    thread_local std::vector<int64_t> start, order, act;
+    thread_local std::vector<float> xs, h13, h, out;
+    start.assign(E + 1, 0);
+    for (int64_t p = 0; p < P; ++p) ++start[idx[p] + 1];
+    for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+    order.resize(P);
+    act.clear();
+    {
+        std::vector<int64_t> next(start.begin(), start.end() - 1);
+        for (int64_t p = 0; p < P; ++p) order[next[idx[p]]++] = p;
+    }
+    for (int64_t e = 0; e < E; ++e)
+        if (start[e + 1] > start[e]) act.push_back(e);
+    const int64_t n_act = static_cast<int64_t>(act.size());
+    const int64_t blocks13 = (I2 + MR - 1) / MR, blocks2 = (H + MR - 1) / MR;
+    xs.resize(P * H);
+    h13.resize(P * I2);
+    h.resize(P * I);
+    out.resize(P * H);
+    for (int64_t j = 0; j < P; ++j) std::memcpy(&xs[j * H], x + (order[j] / K) * H, H * sizeof(float));
+    auto mat = [&](int64_t e, int which) {  // which 0: w13, 1: w2
+        const int64_t* t = table + e * 6 + which * 3;
+        return QMat{reinterpret_cast<const void*>(t[0]), reinterpret_cast<const uint16_t*>(t[1]),
+                    reinterpret_cast<const uint16_t*>(t[2])};
+    };
+#pragma omp parallel num_threads(nthreads)
+    {
+        alignas(64) float s[MR * MAX_GROUPS], z[MR * MAX_GROUPS];
+        // gate and up rows of every active expert: one loop over all their blocks, so the threads split the
+        // whole layer's work rather than each expert's
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_act * blocks13; ++i) {
+            const int64_t e = act[i / blocks13], j0 = start[e], rows = start[e + 1] - j0;
+            qblock(bits, mat(e, 0), &xs[j0 * H], &h13[j0 * I2], rows, I2, H, G, I2, i % blocks13, s, z);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < P; ++j)
+            for (int64_t n = 0; n < I; ++n) {
+                const float g = h13[j * I2 + n];
+                h[j * I + n] = g / (1.f + std::exp(-g)) * h13[j * I2 + I + n];  // silu(gate) * up
+            }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_act * blocks2; ++i) {
+            const int64_t e = act[i / blocks2], j0 = start[e], rows = start[e + 1] - j0;
+            qblock(bits, mat(e, 1), &h[j0 * I], &out[j0 * H], rows, H, I, G, H, i % blocks2, s, z);
+        }
+        // y[t] = sum of its pairs' weight * output, in ascending expert order (the pairs' sorted order), fp32
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < H; n0 += 64) {
+            const int64_t n1 = n0 + 64 < H ? n0 + 64 : H;
+            for (int64_t t = 0; t < T; ++t)
+                for (int64_t n = n0; n < n1; ++n) y[t * H + n] = 0.f;
+            for (int64_t j = 0; j < P; ++j) {
+                const int64_t t = order[j] / K;
+                const float w = wts[order[j]];
+                for (int64_t n = n0; n < n1; ++n) y[t * H + n] += w * out[j * H + n];
+            }
+        }
+    }
 }
 
 extern "C" {
@@ -297,6 +387,23 @@ void dsv2_int4_dequant(const uint8_t* q, const uint16_t* scale, const uint16_t* 
             }
         }
     }
+}
+
+
+// The routed experts of a decode step: y (T, H) = sum over each token's K (expert, weight) pairs of
+// weight * W2_e (silu(gate) * up), [gate; up] = W13_e x, W13_e (2I, H) gate rows then up rows, W2_e (H, I), all
+// experts int8 or all int4 (bits 8 or 4; G the int4 group size). table (E, 6): per expert the addresses of w13's
+// q, scale, zero then w2's (zero 0 for int8). idx, wts (T, K): the router's choices (ids < E) and weights (fp32).
+// Intermediates stay fp32. One call per MoE layer in place of ~15 torch ops per expert.
+void dsv2_experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_t I, int64_t G, const void* x,
+                  int x_bf16, const int64_t* idx, const float* wts, int64_t T, int64_t K, void* y, int y_bf16,
+                  int nthreads) {
+    thread_local std::vector<float> xbuf, ybuf;
+    const float* xf = widen(x, x_bf16, T * H, xbuf);
+    if (y_bf16) ybuf.resize(T * H);
+    float* yf = y_bf16 ? ybuf.data() : static_cast<float*>(y);
+    experts(bits, table, E, H, I, G, xf, idx, wts, T, K, yf, nthreads);
+    if (y_bf16) narrow(yf, static_cast<uint16_t*>(y), T * H, nthreads);
 }
 
 }  // extern "C"

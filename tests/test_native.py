@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -126,9 +127,19 @@ def _expert_stack(scheme: Scheme, e: int, n: int, k: int, g: torch.Generator
     return list(zip(packed.unbind(0), scale.unbind(0), zero.unbind(0))), dense
 
 
+@pytest.fixture(params=[1, 3], ids=lambda n: f"{n}threads")
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """torch's thread count (which the kernels are given) for one test: the suite runs on one, and a parallel
+    region's bugs show only on several (3: work that does not split evenly)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 16])
 @pytest.mark.parametrize("scheme", [Scheme("int8"), Scheme("int4", 32), Scheme("int4", 64, symmetric=False)], ids=str)
-def test_fused_experts_match_reference(native_lib, scheme: Scheme, tokens: int) -> None:
+def test_fused_experts_match_reference(native_lib, threads: int, scheme: Scheme, tokens: int) -> None:
     """The one-call MoE step against the expert-by-expert float64 reference: 8 experts, 6 chosen per token, so
     experts are shared between tokens (each reads its weights once for all of them) and some stay idle."""
     g = torch.Generator().manual_seed(tokens)

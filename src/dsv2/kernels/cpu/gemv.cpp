@@ -290,7 +290,11 @@ static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_
     h.resize(P * I);
     out.resize(P * H);
     for (int64_t j = 0; j < P; ++j) std::memcpy(&xs[j * H], x + (order[j] / K) * H, H * sizeof(float));
-    auto mat = [&](int64_t e, int which) {  // which 0: w13, 1: w2
+    // Plain pointers into this thread's buffers: inside the parallel region the thread_local names would be each
+    // worker's own (empty) vectors.
+    const int64_t *st = start.data(), *ord = order.data(), *ac = act.data();
+    float *xs_ = xs.data(), *h13_ = h13.data(), *h_ = h.data(), *out_ = out.data();
+    auto mat = [table](int64_t e, int which) {  // which 0: w13, 1: w2
         const int64_t* t = table + e * 6 + which * 3;
         return QMat{reinterpret_cast<const void*>(t[0]), reinterpret_cast<const uint16_t*>(t[1]),
                     reinterpret_cast<const uint16_t*>(t[2])};
@@ -302,19 +306,19 @@ static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_
         // whole layer's work rather than each expert's
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n_act * blocks13; ++i) {
-            const int64_t e = act[i / blocks13], j0 = start[e], rows = start[e + 1] - j0;
-            qblock(bits, mat(e, 0), &xs[j0 * H], &h13[j0 * I2], rows, I2, H, G, I2, i % blocks13, s, z);
+            const int64_t e = ac[i / blocks13], j0 = st[e], rows = st[e + 1] - j0;
+            qblock(bits, mat(e, 0), xs_ + j0 * H, h13_ + j0 * I2, rows, I2, H, G, I2, i % blocks13, s, z);
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < P; ++j)
             for (int64_t n = 0; n < I; ++n) {
-                const float g = h13[j * I2 + n];
-                h[j * I + n] = g / (1.f + std::exp(-g)) * h13[j * I2 + I + n];  // silu(gate) * up
+                const float g = h13_[j * I2 + n];
+                h_[j * I + n] = g / (1.f + std::exp(-g)) * h13_[j * I2 + I + n];  // silu(gate) * up
             }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n_act * blocks2; ++i) {
-            const int64_t e = act[i / blocks2], j0 = start[e], rows = start[e + 1] - j0;
-            qblock(bits, mat(e, 1), &h[j0 * I], &out[j0 * H], rows, H, I, G, H, i % blocks2, s, z);
+            const int64_t e = ac[i / blocks2], j0 = st[e], rows = st[e + 1] - j0;
+            qblock(bits, mat(e, 1), h_ + j0 * I, out_ + j0 * H, rows, H, I, G, H, i % blocks2, s, z);
         }
         // y[t] = sum of its pairs' weight * output, in ascending expert order (the pairs' sorted order), fp32
 #pragma omp for schedule(static)
@@ -323,9 +327,9 @@ static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t n = n0; n < n1; ++n) y[t * H + n] = 0.f;
             for (int64_t j = 0; j < P; ++j) {
-                const int64_t t = order[j] / K;
-                const float w = wts[order[j]];
-                for (int64_t n = n0; n < n1; ++n) y[t * H + n] += w * out[j * H + n];
+                const int64_t t = ord[j] / K;
+                const float w = wts[ord[j]];
+                for (int64_t n = n0; n < n1; ++n) y[t * H + n] += w * out_[j * H + n];
             }
         }
     }

@@ -10,7 +10,7 @@ arithmetic exact-match through the engine, and the relative error of the quantiz
    (default 128 of its 1,343; --full scores every window, about 10x slower); the ratios are paired (the same
    windows for every variant). The targets checked: int8 within 0.5% of bf16, int4 within 3%.
 2. Arithmetic exact-match on --arith test problems (seed 0, the chat template, greedy, 256 new tokens at most:
-   what `dsv2 eval --arith N` does) for fp32 dense, int8, int4 g64 and int4 g64 with an int4 head; also how many
+   what `dsv2 eval --arith N` does, but --max-num-seqs 16 at a time, so that decode runs on dsv2's few-row kernels) for fp32 dense, int8, int4 g64 and int4 g64 with an int4 head; also how many
    problems changed verdict against dense (the same problems, so the flips are what quantization did).
 3. Per-tensor relative error ||W - W_q|| / ||W|| of each format over the tensors the scheme quantizes (each
    routed expert's w13 / w2 counted as its own tensor), median and max, per module kind. W_q is
@@ -223,13 +223,14 @@ def error_summary(rows: list[dict[str, Any]], key: str = "rel_error") -> dict[st
 
 
 # ------------------------------------------------------------------------------------------- arithmetic
-def arithmetic(model_dir: Path, n: int, max_tokens: int) -> dict[str, dict[str, Any]]:
+def arithmetic(model_dir: Path, n: int, max_tokens: int, max_num_seqs: int) -> dict[str, dict[str, Any]]:
     batch = tasks.problems("test", n, 0)
+    k = {"dtype": "float32", "max_num_seqs": max_num_seqs}
     variants: dict[str, Callable[[], LLM]] = {
-        "fp32": lambda: LLM(model_dir, dtype="float32"),
-        "int8": lambda: LLM(model_dir, dtype="float32", quantization=FORMATS["int8"]),
-        "int4 g64": lambda: LLM(model_dir, dtype="float32", quantization=FORMATS["int4 g64"]),
-        HEAD4: lambda: LLM(head_int4(model_dir, FORMATS["int4 g64"]), tokenizer=model_dir, dtype="float32"),
+        "fp32": lambda: LLM(model_dir, **k),
+        "int8": lambda: LLM(model_dir, quantization=FORMATS["int8"], **k),
+        "int4 g64": lambda: LLM(model_dir, quantization=FORMATS["int4 g64"], **k),
+        HEAD4: lambda: LLM(head_int4(model_dir, FORMATS["int4 g64"]), tokenizer=model_dir, **k),
     }
     out: dict[str, dict[str, Any]] = {}
     for name, make in variants.items():
@@ -279,6 +280,9 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="score every window (as eval.json does)")
     ap.add_argument("--arith", type=int, default=500, metavar="N", help="test problems; 0 skips arithmetic")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=16,
+                    help="sequences decoded at once (at most native.MAX_ROWS = 16: every decode product then runs on "
+                         "dsv2's kernels, as a single user's decode does; past it the weights are dequantized)")
     ap.add_argument("--ablation", action="store_true", help="also int4 g64 with one module kind kept in fp32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
@@ -342,7 +346,7 @@ def main() -> None:
 
     # 2. arithmetic
     if a.arith:
-        result["arithmetic"] = arithmetic(model_dir, a.arith, a.max_tokens)
+        result["arithmetic"] = arithmetic(model_dir, a.arith, a.max_tokens, a.max_num_seqs)
     result["seconds"] = time.perf_counter() - started
 
     # ---- tables

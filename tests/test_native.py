@@ -30,8 +30,21 @@ def test_int8_matches_reference(native_lib, rows: int, n: int) -> None:
     qt = quant.quantize(torch.randn(n, 96, generator=g), Scheme("int8"))
     scale = qt.scale.bfloat16()
     x = torch.randn(rows, 96, generator=g)
-    ref = F.linear(x.double(), (qt.weight.double() * scale.double()[:, None]))
-    assert _rel(native.int8_mm(x, qt.weight, scale, native_lib), ref) < 1e-6
+    w = qt.weight.double() * scale.double()[:, None]
+    y = native.int8_mm(x, qt.weight, scale, native_lib)
+    # exact integer dot products of the quantized activations: only the fp32 sums of blocks round
+    assert _rel(y, F.linear(native.q8_activations(x).double(), w)) < 1e-6
+    assert _rel(y, F.linear(x.double(), w)) < 1e-2  # what quantizing the activations costs
+
+
+def test_q8_activations_follow_llama_cpps_rule() -> None:
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.54] + [0.01] * 30])  # a zero block: d = 0, all zeros
+    q = native.q8_activations(x)
+    assert torch.equal(q[0, :32], torch.zeros(32))
+    d = 2.54 / 127  # the block's max |x| maps to 127
+    assert q[0, 33].item() == pytest.approx(-2.54, rel=1e-6)
+    assert q[0, 32].item() == pytest.approx(round(1.0 / d) * d, rel=1e-6)
+    assert q[0, 34].item() == pytest.approx(round(0.01 / d) * d, rel=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
@@ -143,18 +156,20 @@ def test_fused_experts_match_reference(native_lib, threads: int, scheme: Scheme,
     """The one-call MoE step against the expert-by-expert float64 reference: 8 experts, 6 chosen per token, so
     experts are shared between tokens (each reads its weights once for all of them) and some stay idle."""
     g = torch.Generator().manual_seed(tokens)
-    n_exp, dim, hidden, k = 8, 128, 80 if scheme.method == "int8" else 128, 6
+    n_exp, dim, hidden, k = 8, 128, 96 if scheme.method == "int8" else 128, 6
     w13, d13 = _expert_stack(scheme, n_exp, 2 * hidden, dim, g)
     w2, d2 = _expert_stack(scheme, n_exp, dim, hidden, g)
     table = native.expert_table(w13, w2)
     x = torch.randn(tokens, dim, generator=g)
     indices = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=g)
+    # int8 products multiply quantized activations (native.q8_activations); int4 ones the fp32 values
+    act = native.q8_activations if scheme.method == "int8" else (lambda v: v)
     ref = torch.zeros(tokens, dim, dtype=torch.float64)
     for t in range(tokens):
         for e, w in zip(indices[t].tolist(), weights[t].double()):
-            gate, up = (d13[e] @ x[t].double()).chunk(2)
-            ref[t] += w * (d2[e] @ (F.silu(gate) * up))
+            gate, up = (d13[e] @ act(x[t]).double()).chunk(2)
+            ref[t] += w * (d2[e] @ act(F.silu(gate) * up).double())
     bits = 8 if scheme.method == "int8" else 4
     y = native.experts(bits, table, x, indices, weights, hidden, scheme.group_size, native_lib)
     assert y.dtype == torch.float32 and _rel(y, ref) < 1e-5

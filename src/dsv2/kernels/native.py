@@ -38,9 +38,11 @@ HEADERS = (CPU_DIR / "simd.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # Rows up to which the kernels run: past that, dequantize + the dense GEMM is faster (benchmarks/quant.py).
 MAX_ROWS = 16
-# K must be a whole number of vectors (int8) or blocks of 32 (int4), and int4 has at most INT4_MAX_GROUPS groups
-# per row (cpu/gemv.cpp's MAX_GROUPS): every DeepSeek-V2 projection qualifies.
-INT8_K_MULTIPLE, INT4_BLOCK, INT4_MAX_GROUPS = 16, 32, 1024
+# K must be a whole number of blocks of 32 (int8: the activations' quantization blocks; int4: the weights'
+# packing), and int4 has at most INT4_MAX_GROUPS groups per row (cpu/gemv.cpp's MAX_GROUPS): every DeepSeek-V2
+# projection qualifies.
+INT8_K_MULTIPLE, INT4_BLOCK, INT4_MAX_GROUPS = 32, 32, 1024
+Q8_BLOCK = 32  # int8 products quantize each activation row per block of this many values (`q8_activations`)
 
 
 def _cpu_identity() -> str:
@@ -137,10 +139,21 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.contiguous()
 
 
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the int8 products multiply in place of x (..., K): each row quantized per block of Q8_BLOCK values by
+    llama.cpp's Q8_0 rule (d = max|x| / 127, q = round(x * (1 / d)), ties to even, in fp32), dequantized. The
+    kernels' reference; their integer dot products are exact, so only the fp32 sums of blocks differ."""
+    xb = x.float().unflatten(-1, (-1, Q8_BLOCK))
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return (torch.round(xb * inv) * d).flatten(-2)
+
+
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None
             ) -> torch.Tensor:
-    """x (R, K) @ (q * scale[:, None]).T, in x's dtype when that is bf16 or fp32 (fp32 otherwise; accumulated in
-    fp32 either way); q (N, K) int8, scale (N,) bf16, R <= MAX_ROWS."""
+    """q8_activations(x) (R, K) @ (q * scale[:, None]).T, in x's dtype when that is bf16 or fp32 (fp32 otherwise;
+    accumulated in fp32 either way): integer dot products per block of 32, as llama.cpp's Q8_0 x Q8_0; q (N, K)
+    int8, scale (N,) bf16, R <= MAX_ROWS."""
     n, k = q.shape
     xr = _rows(x, k)
     bf = xr.dtype == torch.bfloat16
@@ -176,8 +189,9 @@ def experts(bits: int, table: torch.Tensor, x: torch.Tensor, indices: torch.Tens
     """The routed experts of a decode step in one native call: x (T, H) -> sum over each token's K choices
     (indices, weights (T, K), ids below E) of weight * W2_e(silu(gate) * up), [gate; up] = W13_e x, with the
     int8 (bits 8) or int4 (bits 4, `int4_blocks` layout, groups of group_size) weights of `expert_table`.
-    hidden: the experts' intermediate size I. Intermediates are fp32; the result is in x's dtype when that is
-    bf16 or fp32. Each expert's weights are read once for all the tokens that chose it."""
+    hidden: the experts' intermediate size I. Intermediates are fp32 (int8: each product's activations are
+    q8_activations of them, as int8_mm's); the result is in x's dtype when that is bf16 or fp32. Each expert's
+    weights are read once for all the tokens that chose it."""
     t, h = x.shape
     xr = _rows(x, h)
     bf = xr.dtype == torch.bfloat16

@@ -39,9 +39,9 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # Rows up to which the kernels run: past that, dequantize + the dense GEMM is faster (benchmarks/quant.py).
 MAX_ROWS = 16
 # K must be a whole number of blocks of 32 (int8: the activations' quantization blocks; int4: the weights'
-# packing), and int4 has at most INT4_MAX_GROUPS groups per row (cpu/gemv.cpp's MAX_GROUPS): every DeepSeek-V2
-# projection qualifies.
-INT8_K_MULTIPLE, INT4_BLOCK, INT4_MAX_GROUPS = 32, 32, 1024
+# packing), and int4 rows have at most INT4_MAX_BLOCKS blocks of 32 (cpu/gemv.cpp's MAX_GROUPS, the size of its
+# per-block buffers): every DeepSeek-V2 projection qualifies.
+INT8_K_MULTIPLE, INT4_BLOCK, INT4_MAX_BLOCKS = 32, 32, 1024
 Q8_BLOCK = 32  # int8 products quantize each activation row per block of this many values (`q8_activations`)
 
 
@@ -165,8 +165,9 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.C
 
 def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (R, K) @ W.T as int8_mm, W = (q - 8) * scale + zero by groups: q (N, K / 2) uint8 in the layout of
-    `int4_blocks`, scale and zero (N, K / group) bf16."""
+    """q8_activations(x) (R, K) @ W.T as int8_mm (integer dot products of the nibbles and the quantized
+    activations), W = (q - 8) * scale + zero by groups: q (N, K / 2) uint8 in the layout of `int4_blocks`, scale
+    and zero (N, K / group) bf16."""
     n, k = q.shape[0], 2 * q.shape[1]
     xr = _rows(x, k)
     bf = xr.dtype == torch.bfloat16
@@ -189,8 +190,8 @@ def experts(bits: int, table: torch.Tensor, x: torch.Tensor, indices: torch.Tens
     """The routed experts of a decode step in one native call: x (T, H) -> sum over each token's K choices
     (indices, weights (T, K), ids below E) of weight * W2_e(silu(gate) * up), [gate; up] = W13_e x, with the
     int8 (bits 8) or int4 (bits 4, `int4_blocks` layout, groups of group_size) weights of `expert_table`.
-    hidden: the experts' intermediate size I. Intermediates are fp32 (int8: each product's activations are
-    q8_activations of them, as int8_mm's); the result is in x's dtype when that is bf16 or fp32. Each expert's
+    hidden: the experts' intermediate size I. Intermediates are fp32 (each product's activations are
+    q8_activations of them, as int8_mm's and int4_mm's); the result is in x's dtype when that is bf16 or fp32. Each expert's
     weights are read once for all the tokens that chose it."""
     t, h = x.shape
     xr = _rows(x, h)

@@ -285,9 +285,9 @@ class Int4BlockWeight(QuantWeight):
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
         """packed (N, K / 2) uint8; scale, zero (N, K / group) bf16, W = (q - 8) * scale + zero."""
         n, half = packed.shape
-        if 2 * half // group_size > native.INT4_MAX_GROUPS:
-            raise ValueError(f"int4 rows of {2 * half} weights in groups of {group_size}: more than the kernel's "
-                             f"{native.INT4_MAX_GROUPS} groups")
+        if 2 * half // native.INT4_BLOCK > native.INT4_MAX_BLOCKS:
+            raise ValueError(f"int4 rows of {2 * half} weights: more than the kernel's "
+                             f"{native.INT4_MAX_BLOCKS * native.INT4_BLOCK}")
         self.shape, self.group_size = (n, 2 * half), group_size
         # contiguous: the kernel reads raw pointers
         self.packed, self.scale, self.zero = packed.contiguous(), scale.contiguous(), zero.contiguous()

@@ -90,23 +90,47 @@ constexpr int64_t XD_PER_64 = 2;
 #endif
 static inline int64_t xd_stride(int64_t K) { return (K + 63) / 64 * XD_PER_64; }
 
-// One row of K floats (K a multiple of 32) -> xq (K) int8 and its block scales xd (xd_stride(K) floats).
-static void quantize_row(const float* x, int64_t K, int8_t* xq, float* xd) {
-    for (int64_t c = 0; c < K / Q8_BLOCK; ++c) {
+// One row of K floats (K a multiple of 32) -> xq (K) int8 and its block scales xd (xd_stride(K) floats); dsx
+// (K / G, int4 only): each group of G's sum of d * sum(q) over its blocks, for the int4 weights' offsets. int4 on VNNI builds: every whole 64
+// values stored in the order the int4 tile unpacks its two blocks of nibbles (the low nibbles of both blocks, then
+// the high ones: values 0-15, 32-47, 16-31, 48-63), the lanes of xd to match; a last lone block in order.
+static void quantize_row(const float* x, int64_t K, int8_t* xq, float* xd, float* dsx = nullptr, bool int4 = false,
+                         int64_t G = 32) {
+    const int64_t C = K / Q8_BLOCK;
+    if (dsx)
+        for (int64_t g = 0; g < K / G; ++g) dsx[g] = 0.f;
+    for (int64_t c = 0; c < C; ++c) {
         const float* xc = x + c * Q8_BLOCK;
         float amax = 0.f;
         for (int j = 0; j < Q8_BLOCK; ++j) amax = std::fmax(amax, std::fabs(xc[j]));
         const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-        for (int j = 0; j < Q8_BLOCK; ++j) xq[c * Q8_BLOCK + j] = static_cast<int8_t>(std::nearbyint(xc[j] * id));
 #ifdef DSV2_VNNI
-        for (int l = 0; l < 8; ++l) xd[(c / 2) * 16 + (c % 2) * 8 + l] = d;
+        const bool paired = int4 && (c | 1) < C;  // in a whole 64
+#else
+        const bool paired = false;
+#endif
+        int32_t sum = 0;
+        for (int j = 0; j < Q8_BLOCK; ++j) {
+            const int v = static_cast<int>(std::nearbyint(xc[j] * id));
+            sum += v;
+            const int64_t at = paired ? (c / 2) * 64 + (j < 16 ? 0 : 32) + (c % 2) * 16 + j % 16 : c * Q8_BLOCK + j;
+            xq[at] = static_cast<int8_t>(v);
+        }
+        if (dsx) dsx[c * Q8_BLOCK / G] += d * static_cast<float>(sum);
+#ifdef DSV2_VNNI
+        float* lanes = xd + (c / 2) * 16;
+        if (paired) {
+            for (int l = 0; l < 4; ++l) lanes[(c % 2) * 4 + l] = lanes[8 + (c % 2) * 4 + l] = d;
+        } else {
+            for (int l = 0; l < 8; ++l) lanes[(c % 2) * 8 + l] = d;
+        }
 #else
         xd[c] = d;
 #endif
     }
 #ifdef DSV2_VNNI
-    if ((K / Q8_BLOCK) % 2)
-        for (int l = 8; l < 16; ++l) xd[(K / 64) * 16 + l] = 0.f;
+    if (C % 2)
+        for (int l = 8; l < 16; ++l) xd[(C / 2) * 16 + l] = 0.f;
 #endif
 }
 
@@ -193,42 +217,119 @@ static inline void int8_tile(const int8_t* q, const uint16_t* scale, const int8_
         for (int i = 0; i < NR; ++i) y[i * ldy + m] = out[m][i] * bf16(scale[m]);
 }
 
-// int4, a block of 32 at a time: the MR rows' weights dequantized once for the NR activation rows. scale and zero
-// are fp32 here (M rows of K / G, converted per block of rows by the caller): the group loop then broadcasts them
-// straight from memory, where converting bf16 in it cost a third of the time at G = 64. GC: the group size when
-// known at compile time (the block loop unrolls), 0 for any other.
+// int4 weights multiply int8 activations too (quantized as for int8, in quantize_row's int4 order): with
+// W = q * scale + bias per group (bias = zero - 8 * scale, q the nibble in [0, 15]), a row's product is
+// sum over blocks of d * scale * dot(q, xq), integer dot products of unsigned nibbles and signed bytes, plus
+// sum over groups of bias times the group's sum of d * sum(xq) (dsx), added once at the end as one dot product.
+// scale and bias: fp32, M rows of K / G (converted per block of rows by the caller). GC: the group size when known at compile time, 0 for any other.
 template <int M, int NR, int GC>
-static inline void int4_tile(const uint8_t* q, const float* scale, const float* zero, const float* x, int64_t K,
-                             int64_t G_, float* y, int64_t ldy) {
+static inline void int4_tile(const uint8_t* q, const float* scale, const float* bias, const int8_t* xq,
+                             const float* xd, const float* dsx, int64_t ldxd, int64_t K, int64_t G_, float* y,
+                             int64_t ldy) {
     const int64_t G = GC ? GC : G_, groups = K / G;
-    V acc[M][NR];
+    float out[M][NR];
+#if defined(DSV2_VNNI)
+    __m512 acc[M][NR];
+    __m256 tail[M][NR];
     for (int m = 0; m < M; ++m)
-        for (int i = 0; i < NR; ++i) acc[m][i] = vzero();
-    for (int64_t g = 0; g < groups; ++g) {
-        Levels t[M];
-        for (int m = 0; m < M; ++m) t[m] = levels(scale[m * groups + g], zero[m * groups + g]);
-        if ((g * G / 2) % 64 == 0)  // the next tile's rows, a cache line at a time (see int8_tile)
-            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (PF_TILES * M + m) * (K / 2) + g * G / 2);
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {  // a block: weights k..k+15 low nibbles, k+16.. high
-            for (int j = 0; j < 16; j += W) {
-                V xl[NR], xh[NR];
-                for (int i = 0; i < NR; ++i) {
-                    xl[i] = vload(x + i * K + k + j);
-                    xh[i] = vload(x + i * K + k + 16 + j);
-                }
-                for (int m = 0; m < M; ++m) {
-                    V lo, hi;
-                    dequant(q + m * (K / 2) + k / 2 + j, t[m], lo, hi);
-                    for (int i = 0; i < NR; ++i) {
-                        acc[m][i] = vfma(lo, xl[i], acc[m][i]);
-                        acc[m][i] = vfma(hi, xh[i], acc[m][i]);
-                    }
-                }
+        for (int i = 0; i < NR; ++i) acc[m][i] = _mm512_setzero_ps(), tail[m][i] = _mm256_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        if ((k / 2) % 64 == 0)  // the next tile's rows, a cache line at a time (see int8_tile)
+            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (PF_TILES * M + m) * (K / 2) + k / 2);
+        __m512i xa[NR];
+        __m512 d[NR];
+        for (int i = 0; i < NR; ++i) {
+            xa[i] = _mm512_loadu_si512(xq + i * K + k);
+            d[i] = _mm512_loadu_ps(xd + i * ldxd + (k / 64) * 16);
+        }
+        for (int m = 0; m < M; ++m) {
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * (K / 2) + k / 2));
+            const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            // lanes 0-3 and 8-11 hold the first block's products, 4-7 and 12-15 the second's
+            const float* sm = scale + m * groups;
+            const __m512 sv = G >= 64 ? _mm512_set1_ps(sm[k / G])
+                                      : _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(sm[k / G]),
+                                                             _mm512_set1_ps(sm[(k + 32) / G]));
+            for (int i = 0; i < NR; ++i) {
+                const __m512i dot = _mm512_dpbusd_epi32(zero, w, xa[i]);
+                acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d[i], sv), acc[m][i]);
+            }
+        }
+    }
+    if (k < K) {  // a last lone block of 32, in order
+        for (int m = 0; m < M; ++m) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + m * (K / 2) + k / 2));
+            const __m128i m4 = _mm_set1_epi8(0x0F);
+            const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+            for (int i = 0; i < NR; ++i) {
+                const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + k));
+                const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xa);
+                const float ds = xd[i * ldxd + (k / 64) * 16] * scale[m * groups + k / G];
+                tail[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(ds), tail[m][i]);
             }
         }
     }
     for (int m = 0; m < M; ++m)
-        for (int i = 0; i < NR; ++i) y[i * ldy + m] = vsum(acc[m][i]);
+        for (int i = 0; i < NR; ++i) {
+            const __m256 t = tail[m][i];
+            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            out[m][i] = _mm512_reduce_add_ps(acc[m][i]) + _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+    // maddubs: nibbles (unsigned) times bytes, pairs to 16 bits (at most 2 * 15 * 127: no saturation), then 32
+    __m256 acc[M][NR];
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) acc[m][i] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int64_t k = 0; k < K; k += 32) {
+        if ((k / 2) % 64 == 0)
+            for (int m = 0; m < M; ++m) __builtin_prefetch(q + (PF_TILES * M + m) * (K / 2) + k / 2);
+        __m256i xa[NR];
+        for (int i = 0; i < NR; ++i) xa[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + k));
+        for (int m = 0; m < M; ++m) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + m * (K / 2) + k / 2));
+            const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+            const float sg = scale[m * groups + k / G];
+            for (int i = 0; i < NR; ++i) {
+                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xa[i]), ones));
+                acc[m][i] = _mm256_fmadd_ps(p, _mm256_set1_ps(xd[i * ldxd + k / 32] * sg), acc[m][i]);
+            }
+        }
+    }
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) {
+            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[m][i]), _mm256_extractf128_ps(acc[m][i], 1));
+            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            out[m][i] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+        }
+#else
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) out[m][i] = 0.f;
+    for (int64_t c = 0; c < K / 32; ++c)
+        for (int m = 0; m < M; ++m)
+            for (int i = 0; i < NR; ++i) {
+                const uint8_t* qb = q + m * (K / 2) + c * 16;
+                const int8_t* xb = xq + i * K + c * 32;
+                int32_t dot = 0;
+                for (int j = 0; j < 16; ++j) dot += (qb[j] & 15) * xb[j] + (qb[j] >> 4) * xb[16 + j];
+                out[m][i] += float(dot) * xd[i * ldxd + c] * scale[m * groups + c * 32 / G];
+            }
+#endif
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < NR; ++i) {
+            V b = vzero();
+            int64_t g = 0;
+            for (; g + W <= groups; g += W) b = vfma(vload(bias + m * groups + g), vload(dsx + i * groups + g), b);
+            float t = vsum(b);
+            for (; g < groups; ++g) t += bias[m * groups + g] * dsx[i * groups + g];
+            y[i * ldy + m] = out[m][i] + t;
+        }
 }
 
 // The tile's template instance by its size: rows of x in tiles of NR_MAX, the weight rows in blocks of MR (a
@@ -260,20 +361,22 @@ struct Int8Args {
 
 struct Int4Args {
     const uint8_t* q;
-    const float *scale, *zero;  // fp32, this block's M rows
-    const float* x;
+    const float *scale, *bias;  // fp32, this block's M rows
+    const int8_t* xq;
+    const float *xd, *dsx;
     float* y;
-    int64_t K, G, ldy, n;
+    int64_t K, G, ldxd, ldy, n;
     template <int M, int NR>
     void run(int64_t r) const {
         const uint8_t* qn = q + n * (K / 2);
-        const float* xr = x + r * K;
+        const int8_t* xr = xq + r * K;
+        const float *dr = xd + r * ldxd, *sr = dsx + r * (K / G);
         float* yr = y + r * ldy + n;
         switch (G) {
-            case 32: int4_tile<M, NR, 32>(qn, scale, zero, xr, K, G, yr, ldy); break;
-            case 64: int4_tile<M, NR, 64>(qn, scale, zero, xr, K, G, yr, ldy); break;
-            case 128: int4_tile<M, NR, 128>(qn, scale, zero, xr, K, G, yr, ldy); break;
-            default: int4_tile<M, NR, 0>(qn, scale, zero, xr, K, G, yr, ldy); break;
+            case 32: int4_tile<M, NR, 32>(qn, scale, bias, xr, dr, sr, ldxd, K, G, yr, ldy); break;
+            case 64: int4_tile<M, NR, 64>(qn, scale, bias, xr, dr, sr, ldxd, K, G, yr, ldy); break;
+            case 128: int4_tile<M, NR, 128>(qn, scale, bias, xr, dr, sr, ldxd, K, G, yr, ldy); break;
+            default: int4_tile<M, NR, 0>(qn, scale, bias, xr, dr, sr, ldxd, K, G, yr, ldy); break;
         }
     }
 };
@@ -291,21 +394,23 @@ static inline void int8_block(const int8_t* q, const uint16_t* scale, const int8
     }
 }
 
-// int4: K a multiple of G, G a multiple of 32, K / G at most MAX_GROUPS. s, z: the calling thread's buffers of
-// MR * MAX_GROUPS floats, which take this block's scales and zeros in fp32.
+// int4: K a multiple of G, G a multiple of 32; the activation rows quantized by
+// quantize_row in its int4 order (xq, xd, dsx), K / G at most MAX_GROUPS. s, z: the calling thread's buffers of
+// MR * MAX_GROUPS floats, which take this block's scales and biases in fp32.
 constexpr int64_t MAX_GROUPS = 1024;
-static inline void int4_block(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y,
-                              int64_t R, int64_t N, int64_t K, int64_t G, int64_t ldy, int64_t b, float* s, float* z) {
-    const int64_t groups = K / G, n0 = b * MR, rows_here = N - n0 < MR ? N - n0 : MR;
+static inline void int4_block(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const int8_t* xq,
+                              const float* xd, const float* dsx, float* y, int64_t R, int64_t N, int64_t K, int64_t G,
+                              int64_t ldy, int64_t b, float* s, float* z) {
+    const int64_t groups = K / G, n0 = b * MR, rows_here = N - n0 < MR ? N - n0 : MR, ldxd = xd_stride(K);
     for (int64_t j = 0; j < rows_here * groups; ++j) {
         s[j] = bf16(scale[n0 * groups + j]);
-        z[j] = bf16(zero[n0 * groups + j]);
+        z[j] = bf16(zero[n0 * groups + j]) - 8.f * s[j];
     }
     if (rows_here == MR) {
-        rows<MR>(R, Int4Args{q, s, z, x, y, K, G, ldy, n0});
+        rows<MR>(R, Int4Args{q, s, z, xq, xd, dsx, y, K, G, ldxd, ldy, n0});
     } else {
         for (int64_t i = 0; i < rows_here; ++i)
-            rows<1>(R, Int4Args{q, s + i * groups, z + i * groups, x, y, K, G, ldy, n0 + i});
+            rows<1>(R, Int4Args{q, s + i * groups, z + i * groups, xq, xd, dsx, y, K, G, ldxd, ldy, n0 + i});
     }
 }
 
@@ -326,12 +431,20 @@ static void int8_mm(const int8_t* q, const uint16_t* scale, const float* x, floa
 
 static void int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y, int64_t R,
                     int64_t N, int64_t K, int64_t G, int64_t ldy, int nthreads) {
-    const int64_t blocks = (N + MR - 1) / MR;
+    thread_local std::vector<int8_t> xq;
+    thread_local std::vector<float> xd, dsx;
+    const int64_t ldxd = xd_stride(K), blocks = (N + MR - 1) / MR;
+    xq.resize(R * K);
+    xd.resize(R * ldxd);
+    dsx.resize(R * (K / G));
+    for (int64_t r = 0; r < R; ++r) quantize_row(x + r * K, K, &xq[r * K], &xd[r * ldxd], &dsx[r * (K / G)], true, G);
+    const int8_t* xq_ = xq.data();  // the workers' own thread_local names would be other vectors
+    const float *xd_ = xd.data(), *dsx_ = dsx.data();
 #pragma omp parallel num_threads(nthreads)
     {
         alignas(64) float s[MR * MAX_GROUPS], z[MR * MAX_GROUPS];
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) int4_block(q, scale, zero, x, y, R, N, K, G, ldy, b, s, z);
+        for (int64_t b = 0; b < blocks; ++b) int4_block(q, scale, zero, xq_, xd_, dsx_, y, R, N, K, G, ldy, b, s, z);
     }
 }
 
@@ -364,23 +477,20 @@ struct QMat {
     const uint16_t *scale, *zero;
 };
 
-// Activation rows for qblock: fp32 (int4), or quantized (int8: xq, xd as int8_block reads them).
+// Activation rows for qblock, quantized by quantize_row (in its int4 order for int4 weights; dsx for int4 only).
 struct Act {
-    const float* x;
     const int8_t* xq;
-    const float* xd;
-    Act rows_from(int64_t j, int64_t K) const {
-        return {x + j * K, xq ? xq + j * K : nullptr, xd ? xd + j * xd_stride(K) : nullptr};
-    }
+    const float *xd, *dsx;
+    int64_t G;  // dsx's group size (rows of K / G)
+    Act rows_from(int64_t j, int64_t K) const { return {xq + j * K, xd + j * xd_stride(K), dsx + j * (K / G), G}; }
 };
 
 static inline void qblock(int bits, const QMat& w, const Act& a, float* y, int64_t R, int64_t N, int64_t K, int64_t G,
                           int64_t ldy, int64_t b, float* s, float* z) {
-    const float* x = a.x;
     if (bits == 8)
         int8_block(static_cast<const int8_t*>(w.q), w.scale, a.xq, a.xd, y, R, N, K, ldy, b);
     else
-        int4_block(static_cast<const uint8_t*>(w.q), w.scale, w.zero, x, y, R, N, K, G, ldy, b, s, z);
+        int4_block(static_cast<const uint8_t*>(w.q), w.scale, w.zero, a.xq, a.xd, a.dsx, y, R, N, K, G, ldy, b, s, z);
 }
 
 static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_t I, int64_t G, const float* x,
@@ -389,7 +499,7 @@ static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_
     // The (token, slot) pairs sorted by expert, tokens ascending within one (a counting sort), and each active
     // expert's run of them: an expert chosen by several tokens reads its weights once for all of them.
     thread_local std::vector<int64_t> start, order, act;
-    thread_local std::vector<float> xs, h13, h, out, xsd, hd;
+    thread_local std::vector<float> h13, h, out, xsd, hd, xss, hs;
     thread_local std::vector<int8_t> xsq, hq;
     start.assign(E + 1, 0);
     for (int64_t p = 0; p < P; ++p) ++start[idx[p] + 1];
@@ -404,25 +514,27 @@ static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_
         if (start[e + 1] > start[e]) act.push_back(e);
     const int64_t n_act = static_cast<int64_t>(act.size());
     const int64_t blocks13 = (I2 + MR - 1) / MR, blocks2 = (H + MR - 1) / MR;
-    xs.resize(P * H);
+    const bool int4 = bits == 4;
+    const int64_t gq = int4 ? G : Q8_BLOCK;  // dsx's group size (int8 does not read it)
     h13.resize(P * I2);
     h.resize(P * I);
     out.resize(P * H);
-    for (int64_t j = 0; j < P; ++j) std::memcpy(&xs[j * H], x + (order[j] / K) * H, H * sizeof(float));
-    if (bits == 8) {
-        xsq.resize(P * H);
-        xsd.resize(P * xd_stride(H));
-        hq.resize(P * I);
-        hd.resize(P * xd_stride(I));
-        for (int64_t j = 0; j < P; ++j) quantize_row(&xs[j * H], H, &xsq[j * H], &xsd[j * xd_stride(H)]);
-    }
+    xsq.resize(P * H);
+    xsd.resize(P * xd_stride(H));
+    xss.resize(P * (H / gq));
+    hq.resize(P * I);
+    hd.resize(P * xd_stride(I));
+    hs.resize(P * (I / gq));
+    // each pair's row: its token's, quantized (P <= 16 * K rows of H; a copy per pair keeps each expert's rows
+    // contiguous for the tiles)
+    for (int64_t j = 0; j < P; ++j)
+        quantize_row(x + (order[j] / K) * H, H, &xsq[j * H], &xsd[j * xd_stride(H)], &xss[j * (H / gq)], int4, gq);
     // Plain pointers into this thread's buffers: inside the parallel region the thread_local names would be each
     // worker's own (empty) vectors.
     const int64_t *st = start.data(), *ord = order.data(), *ac = act.data();
-    float *xs_ = xs.data(), *h13_ = h13.data(), *h_ = h.data(), *out_ = out.data(), *hd_ = hd.data();
+    float *h13_ = h13.data(), *h_ = h.data(), *out_ = out.data(), *hd_ = hd.data(), *hs_ = hs.data();
     int8_t* hq_ = hq.data();
-    const Act xa{xs_, bits == 8 ? xsq.data() : nullptr, bits == 8 ? xsd.data() : nullptr},
-        ha{h_, bits == 8 ? hq_ : nullptr, bits == 8 ? hd_ : nullptr};
+    const Act xa{xsq.data(), xsd.data(), xss.data(), gq}, ha{hq_, hd_, hs_, gq};
     auto mat = [table](int64_t e, int which) {  // which 0: w13, 1: w2
         const int64_t* t = table + e * 6 + which * 3;
         return QMat{reinterpret_cast<const void*>(t[0]), reinterpret_cast<const uint16_t*>(t[1]),
@@ -444,7 +556,7 @@ static void experts(int bits, const int64_t* table, int64_t E, int64_t H, int64_
                 const float g = h13_[j * I2 + n];
                 h_[j * I + n] = g / (1.f + std::exp(-g)) * h13_[j * I2 + I + n];  // silu(gate) * up
             }
-            if (bits == 8) quantize_row(h_ + j * I, I, hq_ + j * I, hd_ + j * xd_stride(I));
+            quantize_row(h_ + j * I, I, hq_ + j * I, hd_ + j * xd_stride(I), hs_ + j * (I / gq), int4, gq);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n_act * blocks2; ++i) {

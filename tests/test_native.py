@@ -151,6 +151,26 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 6, 20])
+def test_int8_bmm_matches_reference(native_lib, threads: int, rows: int) -> None:
+    """Batched products (the absorbed attention's per-head blocks): each of B products against its float64
+    reference on the quantized activations, at block sizes of 1 and 4 weight rows and past MAX_ROWS."""
+    g = torch.Generator().manual_seed(rows)
+    b, n, k = 5, 70, 96  # 70: a partial last block of 4 rows
+    w, dense = _expert_stack(Scheme("int8"), b, n, k, g)
+    q, scale = torch.stack([p[0] for p in w]), torch.stack([p[1] for p in w])
+    x = torch.randn(b, rows, k, generator=g)
+    ref = torch.bmm(native.q8_activations(x).double(), dense.transpose(1, 2))
+    y = native.int8_bmm(x, q, scale, native_lib)
+    assert y.shape == (b, rows, n) and y.dtype == torch.float32 and _rel(y, ref) < 1e-5
+    yb = native.int8_bmm(x.bfloat16(), q, scale, native_lib)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, native.int8_bmm(x.bfloat16().float(), q, scale, native_lib).bfloat16())
+    # a view in another order (absorb_output's transposed rows) multiplies the same values
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(native.int8_bmm(xt, q, scale, native_lib), y)
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 16])
 @pytest.mark.parametrize("scheme", [Scheme("int8"), Scheme("int4", 32), Scheme("int4", 64, symmetric=False)], ids=str)
 def test_fused_experts_match_reference(native_lib, threads: int, scheme: Scheme, tokens: int) -> None:

@@ -182,7 +182,8 @@ def test_engine_generates_on_quantized_weights_and_refuses_what_cannot_fit(
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == \
         reference.generate([prompt], params)[0].outputs[0].token_ids
     # the weights as loaded, and the absorbed decode's fp32 blocks that the engine adds on a CPU
-    assert llm.weight_bytes == planned_weight_bytes(path, None, "int8")[0] + prepare.planned_bytes(llm.cfg, llm.dtype)
+    assert llm.weight_bytes == planned_weight_bytes(path, None, "int8")[0] + \
+        prepare.planned_bytes(llm.cfg, llm.dtype, quant.kv_up_form(llm.cfg, True))
     with pytest.raises(ValueError, match="compile=True is not supported with quantized"):
         LLM(path, quantization="int8", compile=True, max_cache_tokens=256)
     need = planned_weight_bytes(path)[0]

@@ -184,7 +184,7 @@ class LLM:
         if self.device.type == "cpu" and (own_cpu_model or quantized):
             # Only for a model that is the engine's alone (loaded here, or made inference-only by quantization):
             # a model passed in may go on training, and the blocks are copies.
-            prepare.prepare_(self.model)
+            prepare.prepare_(self.model, quant.kv_up_form(self.model.cfg, quantized))
         if self.device.type == "cuda" and not quantized:
             _use_triton_experts(self.model)
         self.cfg = self.model.cfg
@@ -510,7 +510,8 @@ def _check_fits(path: Path, dtype: torch.dtype | None, scheme: quant.Scheme | No
     need, peak, what = planned_weight_bytes(path, dtype, scheme)
     if device.type == "cpu":  # the inference-only forms the engine adds (kernels.prepare)
         cfg = ModelConfig.from_hf(read_config(path))
-        extra = prepare.planned_bytes(cfg, dtype or getattr(torch, cfg.torch_dtype, torch.float32))
+        extra = prepare.planned_bytes(cfg, dtype or getattr(torch, cfg.torch_dtype, torch.float32),
+                                      quant.kv_up_form(cfg, scheme is not None))
         need, peak = need + extra, peak + extra
     free = available_memory(device)
     if peak > free:

@@ -93,12 +93,13 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i, c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dsv2_int8_mm.argtypes = [p, p, p, c, p, c, i, i, i, c]
+    lib.dsv2_int8_bmm.argtypes = [p, p, p, c, p, c, i, i, i, i, c]
     lib.dsv2_int4_mm.argtypes = [p, p, p, p, c, p, c, i, i, i, i, c]
     lib.dsv2_int8_dequant.argtypes = [p, p, p, i, i, ctypes.c_int]
     lib.dsv2_int4_dequant.argtypes = [p, p, p, p, i, i, i, ctypes.c_int]
     lib.dsv2_mla_decode.argtypes = [p, p, c, p, p, p, p, i, i, i, i, i, i, ctypes.c_float, i, p, c]
     lib.dsv2_experts.argtypes = [c, p, i, i, i, i, p, c, p, p, i, i, p, c, c]
-    for f in (lib.dsv2_int8_mm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant, lib.dsv2_mla_decode,
+    for f in (lib.dsv2_int8_mm, lib.dsv2_int8_bmm, lib.dsv2_int4_mm, lib.dsv2_int8_dequant, lib.dsv2_int4_dequant, lib.dsv2_mla_decode,
               lib.dsv2_experts):
         f.restype = None
     lib.dsv2_vector_width.argtypes, lib.dsv2_vector_width.restype = [], ctypes.c_int
@@ -160,6 +161,23 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.C
     y = torch.empty(xr.shape[0], n, dtype=xr.dtype)
     (lib or library()).dsv2_int8_mm(q.data_ptr(), scale.data_ptr(), xr.data_ptr(), bf, y.data_ptr(), bf,
                                     xr.shape[0], n, k, torch.get_num_threads())
+    return y
+
+
+def int8_bmm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None
+             ) -> torch.Tensor:
+    """B products of one shape in one call: x (B, R, K) -> (B, R, N), product b as int8_mm(x[b], q[b], scale[b]);
+    q (B, N, K) int8, scale (B, N) bf16, R <= MAX_ROWS. The threads share all B products' weight rows, so B small
+    matrices (the absorbed attention's per-head blocks) cost one call, not B."""
+    b, n, k = q.shape
+    xr = x.reshape(b, -1, k)
+    if xr.dtype not in (torch.bfloat16, torch.float32):
+        xr = xr.float()
+    xr = xr.contiguous()
+    bf = xr.dtype == torch.bfloat16
+    y = torch.empty(b, xr.shape[1], n, dtype=xr.dtype)
+    (lib or library()).dsv2_int8_bmm(q.data_ptr(), scale.data_ptr(), xr.data_ptr(), bf, y.data_ptr(), bf, b,
+                                     xr.shape[1], n, k, torch.get_num_threads())
     return y
 
 

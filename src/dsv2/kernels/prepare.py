@@ -25,7 +25,9 @@ from dsv2.model.moe import Router
 
 
 class PreparedKVUp(KVUp):
-    """A KVUp whose blocks are fixed contiguous fp32 copies: inference-only (the weight must not change)."""
+    """A KVUp whose blocks are fixed contiguous fp32 copies: inference-only (the weight must not change). Other
+    forms of the blocks (dsv2.kernels.quant.Int8KVUp) subclass it: each holds its blocks as non-persistent
+    buffers (so .to() moves them and the state_dict stays the checkpoint's) and plans their bytes."""
 
     def __init__(self, src: KVUp) -> None:
         nn.Module.__init__(self)
@@ -34,34 +36,41 @@ class PreparedKVUp(KVUp):
         self.weight = src.weight
         self.register_parameter("bias", None)
         with torch.no_grad():
-            w_uk, w_uv_t = KVUp.blocks(src)
-            # buffers, so that .to() moves them; not persistent: the state_dict stays the checkpoint's
-            self.register_buffer("w_uk", w_uk.float().contiguous(), persistent=False)
-            self.register_buffer("w_uv_t", w_uv_t.float().contiguous(), persistent=False)
+            self._hold(*KVUp.blocks(src))
+
+    def _hold(self, w_uk: torch.Tensor, w_uv_t: torch.Tensor) -> None:
+        """Keep the blocks W_UK (nh, dn, dc) and W_UV^T (nh, dc, dv) in this form."""
+        self.register_buffer("w_uk", w_uk.float().contiguous(), persistent=False)
+        self.register_buffer("w_uv_t", w_uv_t.float().contiguous(), persistent=False)
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w_uk, self.w_uv_t
 
     @property
     def block_bytes(self) -> int:
-        return self.w_uk.nbytes + self.w_uv_t.nbytes
+        return sum(b.nbytes for b in self.buffers(recurse=False))
+
+    @staticmethod
+    def planned_block_bytes(cfg: ModelConfig) -> int:
+        """block_bytes summed over a model of this config."""
+        return 4 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) \
+            * cfg.kv_lora_rank
 
 
-def planned_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+def planned_bytes(cfg: ModelConfig, dtype: torch.dtype, form: type[PreparedKVUp] = PreparedKVUp) -> int:
     """What prepare_ adds to a model of this config whose weights are in dtype."""
-    blocks = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) \
-        * cfg.kv_lora_rank
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    return blocks + moe_layers * cfg.n_routed_experts * cfg.hidden_size * (4 - dtype.itemsize)
+    return form.planned_block_bytes(cfg) + moe_layers * cfg.n_routed_experts * cfg.hidden_size * (4 - dtype.itemsize)
 
 
-def prepare_(model: nn.Module) -> int:
-    """Swap every KVUp of a model for a PreparedKVUp and put its routers in fp32, in place; the bytes added."""
+def prepare_(model: nn.Module, form: type[PreparedKVUp] = PreparedKVUp) -> int:
+    """Swap every KVUp of a model for the form (a PreparedKVUp by default) and put its routers in fp32, in place;
+    the bytes added."""
     total = 0
     for name, m in list(model.named_modules()):
         if type(m) is KVUp:
             parent, _, child = name.rpartition(".")
-            prepared = PreparedKVUp(m)
+            prepared = form(m)
             setattr(model.get_submodule(parent), child, prepared)
             total += prepared.block_bytes
         elif isinstance(m, Router) and m.weight.dtype != torch.float32:

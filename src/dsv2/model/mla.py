@@ -40,6 +40,16 @@ class KVUp(nn.Linear):
         w = self.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.in_features)
         return w[:, : self.nope_dim], w[:, self.nope_dim :].transpose(1, 2)
 
+    def absorb_query(self, q_HRD: torch.Tensor) -> torch.Tensor:
+        """Per-head queries (nh, R, dn) -> W_UK^T q (nh, R, dc), in the blocks' dtype."""
+        w_uk, _ = self.blocks()
+        return torch.bmm(q_HRD.to(w_uk.dtype), w_uk)
+
+    def absorb_output(self, o_HRC: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs in latent space (nh, R, dc) -> W_UV o (nh, R, dv), in the blocks' dtype."""
+        _, w_uv_t = self.blocks()
+        return torch.bmm(o_HRC.to(w_uv_t.dtype), w_uv_t)
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -139,17 +149,16 @@ class MLA(nn.Module):
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope (B, T, nh, dn) -> W_UK^T q_nope (B, T, nh, dc): the query in latent space, q_nope's dtype."""
         B, T, nh, _ = q_nope.shape
-        w_uk, _ = self.wkv_b.blocks()  # (nh, dn, dc), possibly in a wider dtype
-        # Head-batched products written as bmm over (nh, B*T, .): einsum would plan the same bmm on every call.
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(nh, B * T, -1).to(w_uk.dtype), w_uk)  # (nh, B*T, dc)
+        # Head-batched products over (nh, B*T, .) (einsum would plan the same bmm on every call), by wkv_b, whose
+        # inference forms (dsv2.kernels.prepare) hold the blocks in other layouts and formats.
+        q_lat = self.wkv_b.absorb_query(q_nope.permute(2, 0, 1, 3).reshape(nh, B * T, -1))  # (nh, B*T, dc)
         return q_lat.to(q_nope.dtype).view(nh, B, T, self.kv_rank).permute(1, 2, 0, 3)
 
     def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space (B, T, nh, dc) -> per-head values W_UV o (B, T, nh, dv), in the
-        blocks' dtype."""
+        dtype wkv_b's product gives (its blocks')."""
         B, T, nh, _ = o_lat.shape
-        _, w_uv_t = self.wkv_b.blocks()  # (nh, dc, dv)
-        o = torch.bmm(o_lat.reshape(B * T, nh, self.kv_rank).transpose(0, 1).to(w_uv_t.dtype), w_uv_t)
+        o = self.wkv_b.absorb_output(o_lat.reshape(B * T, nh, self.kv_rank).transpose(0, 1))  # (nh, B*T, dv)
         return o.view(nh, B, T, self.v_dim).permute(1, 2, 0, 3)  # (B, T, nh, dv)
 
 

@@ -423,19 +423,26 @@ static inline void int4_block(const uint8_t* q, const uint16_t* scale, const uin
     }
 }
 
-// x (R, K) fp32, y (R, ldy) fp32: y[r, n] for n < N. nthreads: the caller's (torch's) count.
-static void int8_mm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t R, int64_t N, int64_t K,
-                    int64_t ldy, int nthreads) {
+// B independent products of the same shape: y_b (R, ldy) = x_b (R, K) @ W_b.T for b < B, W_b at q + b * N * K
+// (scales at scale + b * N), x_b at x + b * R * K, y_b at y + b * R * ldy; x fp32, y fp32 (y[r, n] for n < N). The
+// (product, block) pairs share one parallel loop, so B small products (the absorbed attention's per-head blocks)
+// fork the threads once. nthreads: the caller's (torch's) count.
+static void int8_bmm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t B, int64_t R,
+                     int64_t N, int64_t K, int64_t ldy, int nthreads) {
     thread_local std::vector<int8_t> xq;
     thread_local std::vector<float> xd;
-    const int64_t ldxd = xd_stride(K), blocks = (N + block_rows(R) - 1) / block_rows(R);
-    xq.resize(R * K);
-    xd.resize(R * ldxd);
-    for (int64_t r = 0; r < R; ++r) quantize_row(x + r * K, K, &xq[r * K], &xd[r * ldxd]);
+    const int64_t ldxd = xd_stride(K), mr = block_rows(R), blocks = (N + mr - 1) / mr;
+    xq.resize(B * R * K);
+    xd.resize(B * R * ldxd);
+    for (int64_t r = 0; r < B * R; ++r) quantize_row(x + r * K, K, &xq[r * K], &xd[r * ldxd]);
     const int8_t* xq_ = xq.data();  // the workers' own thread_local names would be other vectors
     const float* xd_ = xd.data();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t b = 0; b < blocks; ++b) int8_block(q, scale, xq_, xd_, y, R, N, K, ldy, b, block_rows(R));
+    for (int64_t j = 0; j < B * blocks; ++j) {
+        const int64_t b = j / blocks;
+        int8_block(q + b * N * K, scale + b * N, xq_ + b * R * K, xd_ + b * R * ldxd, y + b * R * ldy, R, N, K, ldy,
+                   j % blocks, mr);
+    }
 }
 
 static void int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const float* x, float* y, int64_t R,
@@ -602,8 +609,19 @@ void dsv2_int8_mm(const int8_t* q, const uint16_t* scale, const void* x, int x_b
     const float* xf = widen(x, x_bf16, R * K, xbuf);
     if (y_bf16) ybuf.resize(R * N);
     float* yf = y_bf16 ? ybuf.data() : static_cast<float*>(y);
-    int8_mm(q, scale, xf, yf, R, N, K, N, nthreads);
+    int8_bmm(q, scale, xf, yf, 1, R, N, K, N, nthreads);
     if (y_bf16) narrow(yf, static_cast<uint16_t*>(y), R * N, nthreads);
+}
+
+// B products of the same shape at once (y (B, R, N) = x (B, R, K) @ W_b.T, W (B, N, K)), as int8_bmm.
+void dsv2_int8_bmm(const int8_t* q, const uint16_t* scale, const void* x, int x_bf16, void* y, int y_bf16, int64_t B,
+                   int64_t R, int64_t N, int64_t K, int nthreads) {
+    thread_local std::vector<float> xbuf, ybuf;
+    const float* xf = widen(x, x_bf16, B * R * K, xbuf);
+    if (y_bf16) ybuf.resize(B * R * N);
+    float* yf = y_bf16 ? ybuf.data() : static_cast<float*>(y);
+    int8_bmm(q, scale, xf, yf, B, R, N, K, N, nthreads);
+    if (y_bf16) narrow(yf, static_cast<uint16_t*>(y), B * R * N, nthreads);
 }
 
 void dsv2_int4_mm(const uint8_t* q, const uint16_t* scale, const uint16_t* zero, const void* x, int x_bf16, void* y,

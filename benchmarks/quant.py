@@ -8,7 +8,10 @@ from memory rather than the cache (one matrix multiplied again and again sits in
 else: `--hot` does that). Each figure is the median of 9 passes after a warm-up, 2 threads. GB/s counts the
 weight bytes one product streams (int8: 1 byte per weight, int4: 0.5, bf16: 2).
 
-    python benchmarks/quant.py [--threads 2]
+    python benchmarks/quant.py [--threads 2] [--build native|avx2|scalar]
+
+`--build avx2` times the AVX2 code path of dsv2's kernels (native.BUILDS) on a CPU that has more: what decides
+`native.int4_preferred` on AVX2-only machines, short of one.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hot", action="store_true", help="multiply one matrix again and again (cache-resident)")
+    ap.add_argument("--build", choices=sorted(native.BUILDS), default="native",
+                    help="which code path of dsv2's kernels to time (default: this CPU's)")
     a = ap.parse_args()
+    lib = native.library() if a.build == "native" else native.open_library(native.build(native.BUILDS[a.build]))
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     count = 1 if a.hot else EXPERTS
@@ -55,9 +61,12 @@ def main() -> None:
         q4 = quant.quantize(w, s4)
         i4t.append(quant.Int4Weight(*quant.int4_layout(q4), 64))  # torch's layout and kernel
         if native.available():
-            i4n.append(quant.runtime_weights(q4, s4))
+            scale = q4.scale.bfloat16()  # the block layout, whatever native.int4_preferred says on this CPU
+            i4n.append(quant.Int4BlockWeight(native.int4_blocks(quant.unpack_int4(q4.weight)), scale,
+                                             torch.zeros_like(scale), 64))
     have = native.available()
-    print(f"{N} x {K}, {count} matrices in turn, {a.threads} threads, dsv2 kernels: {'built' if have else 'absent'}; "
+    print(f"{N} x {K}, {count} matrices in turn, {a.threads} threads, dsv2 kernels: "
+          f"{f'{a.build} build' if have else 'absent'}; "
           "ms per product (GB/s of weights)")
     print("| rows | int8 torch | int8 dsv2 | int4 g64 torch | int4 g64 dsv2 | bf16 F.linear |")
     print("|---|---|---|---|---|---|")
@@ -66,9 +75,9 @@ def main() -> None:
         x = torch.randn(rows, K, generator=g).bfloat16()
         per = lambda f, ws: ms(lambda: [f(w) for w in ws]) / len(ws)  # noqa: E731
         t8 = per(lambda w: w._kernel(x), i8)
-        n8 = per(lambda w: w._native(x), i8) if have else float("nan")
+        n8 = per(lambda w: native.int8_mm(x, w.q, w.scale, lib), i8) if have else float("nan")
         t4 = per(lambda w: w._kernel(x), i4t)
-        n4 = per(lambda w: w._native(x), i4n) if have else float("nan")
+        n4 = per(lambda w: native.int4_mm(x, w.packed, w.scale, w.zero, 64, lib), i4n) if have else float("nan")
         tb = per(lambda w: F.linear(x, w), dense)
         print(f"| {rows} | {cell(t8, 1)} | {cell(n8, 1)} | {cell(t4, 0.5)} | {cell(n4, 0.5)} | {cell(tb, 2)} |")
     w8, w4 = i8[0], (i4n or i4t)[0]

@@ -78,11 +78,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-VARIANTS = {
-    "native": native.FLAGS,
-    "avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
-    "scalar": ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
-}
+VARIANTS = native.BUILDS
 
 
 def cpu_has(flag: str) -> bool:

@@ -309,6 +309,7 @@ class _Loader:
             q = quant.QuantizedTensor(parts[""], parts["_scale"], parts.get("_zero"))
         else:
             q = quant.quantize(parts[""], scheme)
+        del parts  # a dense staging is freed before the module is built from the quantized parts
         mine = self.done.setdefault(module, {})
         mine[param.rpartition(".")[2]] = q
         parent_name, _, child = module.rpartition(".")

@@ -36,6 +36,13 @@ CPU_DIR = Path(__file__).with_name("cpu")
 SOURCES = (CPU_DIR / "gemv.cpp", CPU_DIR / "mla_decode.cpp")
 HEADERS = (CPU_DIR / "simd.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# Each code path of the kernels (cpu/simd.h) by the flags that select it, for tests and benchmarks to build
+# side by side: this CPU's (AVX-512 where it has it), AVX2, portable.
+BUILDS = {
+    "native": FLAGS,
+    "avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
+    "scalar": ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c++17"),
+}
 # Rows up to which the kernels run: past that, dequantize + the dense GEMM is faster (benchmarks/quant.py).
 MAX_ROWS = 16
 # K must be a whole number of blocks of 32 (int8: the activations' quantization blocks; int4: the weights'

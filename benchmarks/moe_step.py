@@ -1,13 +1,14 @@
 """One V2-Lite MoE layer's routed experts at decode sizes on this CPU: the expert-by-expert path (a product per
 expert matrix, SwiGLU and the weighted sum as torch ops: `moe.inference_experts`) against the one native call per
-layer (`native.experts`, what `QuantExperts` runs up to native.MAX_ROWS tokens), int8 and int4 (g64) weights.
+layer (`native.experts`, called directly at every count: what `QuantExperts` runs up to `quant.FUSED_MAX_TOKENS`
+tokens), int8 and int4 (g64) weights.
 
 64 experts of 2048 -> 1408 -> 2048, 6 chosen per token, fresh random routing every call, so the chosen experts'
 weights come from memory as in a decode step (the layer is 0.55 GB in int8, far past the caches). bf16
 activations, as the engine's quantized models run. Each figure is the median of the rounds; the two paths
 alternate within a round. GB/s counts the weight bytes of the distinct experts a call touches.
 
-    python benchmarks/moe_step.py [--threads 2] [--rounds 15] [--tokens 1,4,16]
+    python benchmarks/moe_step.py [--threads 2] [--rounds 15] [--tokens 1,4,16,32,64]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--tokens", default="1,4,16", help="comma-separated token counts (each at most native.MAX_ROWS)")
+    ap.add_argument("--tokens", default="1,4,16,32,64", help="comma-separated token counts")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     counts = [int(t) for t in a.tokens.split(",")]
@@ -60,6 +61,7 @@ def main() -> None:
             print(f"| {scheme.method} | - | (the native call needs dsv2's int4 kernels: not preferred on this build) |")
             continue
         per_expert_bytes = experts.w13[0].nbytes + experts.w2[0].nbytes
+        bits, table, group_size = experts._native
         for tokens in counts:
             x = (torch.randn(tokens, H, generator=g) * 0.5).bfloat16()
             old, new, touched = [], [], []
@@ -71,7 +73,7 @@ def main() -> None:
                     t1 = time.perf_counter()
                     ro = routing(tokens, g)
                     t2 = time.perf_counter()
-                    experts(x, ro)
+                    native.experts(bits, table, x, ro.indices, ro.weights, I, group_size)
                     t3 = time.perf_counter()
                     if r:  # the first round warms up
                         old.append(t1 - t0)

@@ -15,11 +15,11 @@ from tests.conftest import randomize_, small_config
 from dsv2 import cli
 from dsv2.checkpoint import CheckpointError, load, planned_weight_bytes, quantize_checkpoint, save
 from dsv2.infer import LLM, SamplingParams
-from dsv2.kernels import prepare, quant
+from dsv2.kernels import native, prepare, quant
 from dsv2.kernels.quant import Scheme
 from dsv2.model import Transformer
 from dsv2.model.mla import KVUp
-from dsv2.model.moe import MoE
+from dsv2.model.moe import MoE, Routing
 
 SCHEMES = [Scheme("int8"), Scheme("int4", 32), Scheme("int4", 64, symmetric=False), Scheme("int4", 128)]
 # hidden 128 and expert width 64: int4's kernel shapes (N % 16, K % group) hold for every matrix
@@ -99,6 +99,31 @@ def test_quantized_experts_match_their_loop_reference(scheme: Scheme) -> None:
             routing = moe.gate(x)
             fast, ref = moe.experts(x, routing), moe.experts.forward_loop(x, routing)
         assert _rel(fast, ref) < 1e-5
+
+
+@pytest.mark.skipif(not native.available(), reason="dsv2's kernels are not built here")
+def test_larger_decode_steps_take_the_one_call_unless_an_expert_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past native.MAX_ROWS tokens the one native call still runs while no expert has more than MAX_ROWS of
+    them (up to FUSED_MAX_TOKENS); a busier expert sends the step to the expert-by-expert path. Both match the
+    loop reference."""
+    moe = randomize_(MoE(CFG), seed=4).eval()
+    quant.quantize_(moe, Scheme("int8"))
+    calls = []
+    real = native.experts
+    monkeypatch.setattr(native, "experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    t, k, e = 40, CFG.num_experts_per_tok, CFG.n_routed_experts
+    spread = (torch.arange(t)[:, None] + torch.arange(k)[None]) % e  # every expert chosen t * k / e = 15 times
+    busy = spread.clone()
+    busy[:, 0] = 0  # expert 0 chosen by all 40 tokens
+    x = torch.randn(t, CFG.hidden_size, generator=torch.Generator().manual_seed(9))
+    weights = torch.rand(t, k, generator=torch.Generator().manual_seed(10))
+    for indices, fused in ((spread, True), (busy, False)):
+        assert t * k // e <= native.MAX_ROWS < t <= quant.FUSED_MAX_TOKENS
+        routing = Routing(weights, indices, torch.empty(0))
+        calls.clear()
+        with torch.no_grad():
+            fast, ref = moe.experts(x, routing), moe.experts.forward_loop(x, routing)
+        assert bool(calls) == fused and _rel(fast, ref) < 1e-5
 
 
 @pytest.fixture(scope="module")

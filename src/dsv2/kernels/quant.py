@@ -393,10 +393,18 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {type(self.qweight).__name__}"
 
 
+# Tokens up to which a MoE layer's routed experts run as one native call (`native.experts`) when no expert has
+# more than native.MAX_ROWS of them: at 32 and 64 tokens (a step of 32 or 64 decodes) the call beat the
+# expert-by-expert path on Zen 5 too, 1.1-1.3x int8 and 1.2-1.4x int4 (benchmarks/moe_step.py); past that, or
+# with a busier expert, the per-expert path dequantizes the busy experts for the dense GEMM.
+FUSED_MAX_TOKENS = 64
+
+
 class QuantExperts(nn.Module):
-    """Inference-only routed experts on quantized per-expert weights. Up to native.MAX_ROWS tokens (decode
-    steps) run as one native call per layer where dsv2's kernels hold every expert (`native.experts`); otherwise
-    Experts' eager inference paths, a product per expert matrix."""
+    """Inference-only routed experts on quantized per-expert weights. Decode steps (up to native.MAX_ROWS
+    tokens, or FUSED_MAX_TOKENS with no expert chosen more than MAX_ROWS times) run as one native call per layer
+    where dsv2's kernels hold every expert (`native.experts`); otherwise Experts' eager inference paths, a
+    product per expert matrix."""
 
     def __init__(self, w13: Sequence[QuantWeight], w2: Sequence[QuantWeight]) -> None:
         super().__init__()
@@ -407,11 +415,18 @@ class QuantExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         if routing.kept is not None or torch.is_grad_enabled():
             raise RuntimeError("quantized experts are for inference only (no autograd, no token dropping)")
-        if self._native is not None and x_TH.shape[0] <= native.MAX_ROWS:
+        if self._native is not None and self._fused(routing.indices):
             bits, table, group_size = self._native
             y = native.experts(bits, table, x_TH, routing.indices, routing.weights, self.hidden, group_size)
             return y.to(x_TH.dtype)
         return inference_experts(x_TH, routing.indices, routing.weights, self.w13, self.w2, linear=_qmm)
+
+    def _fused(self, indices_TK: torch.Tensor) -> bool:
+        t = indices_TK.shape[0]
+        if t <= native.MAX_ROWS:
+            return True
+        return t <= FUSED_MAX_TOKENS and \
+            int(torch.bincount(indices_TK.flatten(), minlength=self.n_experts).max()) <= native.MAX_ROWS
 
     def expert(self, e: int, x_NH: torch.Tensor) -> torch.Tensor:
         return swiglu(x_NH, self.w13[e], self.w2[e], _qmm)

@@ -130,11 +130,13 @@ def available() -> bool:
 
 
 def int4_preferred() -> bool:
-    """Whether int4 weights should use these kernels rather than torch's. Only the AVX-512 build (a 16-entry
-    permute dequantizes a group's nibbles) was measured faster than torch's int4 kernel (benchmarks/quant.py);
-    the AVX2 code, timed on an AVX-512 machine, was slower than torch's kernel there (0.34 against 0.23 ms at one
-    row), and no AVX2-only machine has measured both yet. int8 uses these kernels on every build: even the AVX2
-    code beat torch's (0.35 against 0.58 ms)."""
+    """Whether int4 weights should use these kernels rather than torch's: on the AVX-512 builds, which also run
+    a MoE layer's routed experts as one call (`experts`). The AVX2 code, timed on AVX-512 machines
+    (benchmarks/quant.py --build avx2, a 2816 x 2048 product), stayed slower than torch's int4 kernel: 0.34
+    against 0.23 ms at one row on a Sapphire Rapids with its fp32 dot products, 0.135 against 0.102 at one row
+    and 0.26 against 0.15 at four on a Zen 5 with int8 activations (maddubs); no AVX2-only machine has measured
+    both yet. int8 uses these kernels on every build: its AVX2 code beat torch's (0.159 against 0.216 ms at one
+    row on the Zen 5)."""
     lib = library()
     return lib is not None and lib.dsv2_vector_width() >= 16
 

@@ -203,11 +203,7 @@ static inline void int8_tile(const int8_t* q, const uint16_t* scale, const int8_
         }
     }
     for (int m = 0; m < M; ++m)
-        for (int i = 0; i < NR; ++i) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][i]), _mm256_extractf128_ps(acc[m][i], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            out[m][i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-        }
+        for (int i = 0; i < NR; ++i) out[m][i] = vsum(acc[m][i]);  // V is __m256 on this path
 #else
     for (int m = 0; m < M; ++m)
         for (int i = 0; i < NR; ++i) out[m][i] = 0.f;
@@ -309,11 +305,7 @@ static inline void int4_tile(const uint8_t* q, const float* scale, const float* 
         }
     }
     for (int m = 0; m < M; ++m)
-        for (int i = 0; i < NR; ++i) {
-            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[m][i]), _mm256_extractf128_ps(acc[m][i], 1));
-            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            out[m][i] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-        }
+        for (int i = 0; i < NR; ++i) out[m][i] = vsum(acc[m][i]);  // V is __m256 on this path
 #else
     for (int m = 0; m < M; ++m)
         for (int i = 0; i < NR; ++i) out[m][i] = 0.f;

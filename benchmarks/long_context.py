@@ -217,13 +217,24 @@ def main() -> None:
         for fn in engines.values():  # warm-up: allocator, oneDNN primitives, first-call paths
             fn([rng.randrange(cfg.vocab_size) for _ in range(min(contexts[0], 512))])
         runs: dict[tuple[str, int], list[Run]] = {}
+        failed: dict[tuple[str, int], str] = {}  # (engine, context) -> what it could not allocate
         if args.llama_gguf:
             engines["llama.cpp"] = lambda p: run_llama(args.llama_gguf, len(p), new, 1, torch.get_num_threads())
         for r in range(args.rounds):
             for ctx in contexts:
                 prompt = [rng.randrange(cfg.vocab_size) for _ in range(ctx)]
                 for name, fn in engines.items():
-                    runs.setdefault((name, ctx), []).append(fn(prompt))
+                    if (name, ctx) in failed:
+                        continue
+                    try:
+                        runs.setdefault((name, ctx), []).append(fn(prompt))
+                    except RuntimeError as e:  # transformers' attention at long contexts: more than the RAM
+                        if name != "transformers" or "can't allocate memory" not in str(e):
+                            raise
+                        failed[(name, ctx)] = str(e).split("you tried to allocate ")[-1].split(".")[0]
+                        runs.pop((name, ctx))
+                        print(f"round {r} {name} {ctx}: out of memory ({failed[(name, ctx)]})", flush=True)
+                        continue
                     print(f"round {r} {name} {ctx}: {runs[(name, ctx)][-1]}", flush=True)
     print(f"# {cfg.num_params() / 1e6:.0f}M params, {args.dtype}, {torch.get_num_threads()} threads, "
           f"{new} new tokens after a prompt of each context, medians of {args.rounds} interleaved rounds")
@@ -233,6 +244,8 @@ def main() -> None:
         for ctx in contexts:
             if (name, ctx) in runs:
                 print(_row(name, ctx, _median(runs[(name, ctx)])))
+            elif (name, ctx) in failed:
+                print(f"| {name} | {ctx:,} | out of memory: tried to allocate {failed[(name, ctx)]} | | | | |")
     if not args.llama_gguf:
         state = (f"available ({PEERS}/bin/llama-bench): pass --llama-gguf" if llama_bench()
                  else f"not available (no {PEERS}/bin/llama-bench)")

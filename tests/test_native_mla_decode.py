@@ -32,6 +32,21 @@ def test_matches_reference(native_lib, case, cache_dtype: torch.dtype, q_dtype: 
     _check(native.mla_decode_with(native_lib, q, layer, scales, tables, ctx, bs, kv, 0.25), want, q_dtype)
 
 
+@pytest.mark.parametrize("H,kv,rope", [(8, 64, 16), (16, 64, 16), (40, 32, 8), (8, 31, 6), (3, 16, 4)],
+                         ids=["H8", "H16", "H40-padded", "odd-latent", "H3"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_head_layout(native_lib, H: int, kv: int, rope: int, cache_dtype: torch.dtype) -> None:
+    """The kernel spreads heads over a vector's lanes 1, 2 or 4 lanes per head, in pairs of vectors padded with
+    empty heads (cpu/mla_decode.cpp): each layout a build picks for these head counts and widths (an odd latent
+    width allows only one lane per head), over passes of several blocks and a last one partly filled."""
+    lens, bs = [70, 3, 129], 16
+    layer, scales, tables, ctx = _cpu(*_paged(lens, kv, rope, bs, cache_dtype, seed=5))
+    q = 2 * torch.randn(len(lens), H, kv + rope)
+    want = mla_decode_reference(q, layer, scales, tables, ctx, bs, kv, (kv + rope) ** -0.5)
+    _check(native.mla_decode_with(native_lib, q, layer, scales, tables, ctx, bs, kv, (kv + rope) ** -0.5), want,
+           torch.float32)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, FP8], ids=["fp32", "bf16", "fp8"])
 def test_long_contexts_split_and_merge(native_lib, threads: int, cache_dtype: torch.dtype) -> None:

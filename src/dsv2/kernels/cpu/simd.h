@@ -15,7 +15,7 @@ static inline float bf16(uint16_t h) {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-constexpr int W = 16;
+constexpr int W = 16, REGS = 32;  // floats per vector, vector registers
 typedef __m512 V;
 static inline V vzero() { return _mm512_setzero_ps(); }
 static inline V vset(float a) { return _mm512_set1_ps(a); }
@@ -23,6 +23,7 @@ static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 static inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 static inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
@@ -33,7 +34,7 @@ static inline V vpow2i(V i) {  // 2^i for whole i in [-126, 127]
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-constexpr int W = 8;
+constexpr int W = 8, REGS = 16;
 typedef __m256 V;
 static inline V vzero() { return _mm256_setzero_ps(); }
 static inline V vset(float a) { return _mm256_set1_ps(a); }
@@ -41,6 +42,7 @@ static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
 static inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
 static inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
 static inline float vsum(V a) {
@@ -58,7 +60,7 @@ static inline V vpow2i(V i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23));
 }
 #else
-constexpr int W = 1;
+constexpr int W = 1, REGS = 16;
 typedef float V;
 static inline V vzero() { return 0.f; }
 static inline V vset(float a) { return a; }
@@ -66,6 +68,7 @@ static inline V vload(const float* p) { return *p; }
 static inline void vstore(float* p, V a) { *p = a; }
 static inline V vfma(V a, V b, V c) { return a * b + c; }
 static inline V vadd(V a, V b) { return a + b; }
+static inline V vsub(V a, V b) { return a - b; }
 static inline V vmul(V a, V b) { return a * b; }
 static inline V vmax(V a, V b) { return a > b ? a : b; }
 static inline float vsum(V a) { return a; }
@@ -87,4 +90,51 @@ static inline V vexp2_nonpos(V x) {
     p = vfma(p, f, vset(6.9315296e-1f));
     p = vfma(p, f, vset(9.9999994e-1f));
     return vmul(p, vpow2i(i));  // i = -127: exponent bits 0, i.e. +0
+}
+
+// Lanes in aligned groups of F (1, 2 or 4; F = 1 only in the portable code): vbcast<F>(p) repeats p[0 .. F-1]
+// over the vector (one broadcast load: F floats as one 32-, 64- or 128-bit element); vgroupsum<F>(x) puts in every
+// lane the sum of its group. A vector then holds W / F heads, each over F consecutive elements of a dot product,
+// so that heads fewer than W still fill it (cpu/mla_decode.cpp).
+template <int F>
+static inline V vbcast(const float* p) {
+    static_assert(F == 1 || (W % F == 0 && (F == 2 || F == 4)), "groups of 1, 2 or 4 lanes");
+    if constexpr (F == 1) {
+        return vset(*p);
+#if defined(__AVX512F__)
+    } else if constexpr (F == 2) {
+        double d;
+        std::memcpy(&d, p, sizeof d);
+        return _mm512_castpd_ps(_mm512_set1_pd(d));
+    } else {
+        return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+#elif defined(__AVX2__) && defined(__FMA__)
+    } else if constexpr (F == 2) {
+        double d;
+        std::memcpy(&d, p, sizeof d);
+        return _mm256_castpd_ps(_mm256_set1_pd(d));
+    } else {
+        return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
+#endif
+    }
+}
+
+template <int F>
+static inline V vgroupsum(V x) {
+    if constexpr (F == 1) {
+        return x;
+#if defined(__AVX512F__)
+    } else if constexpr (F == 2) {
+        return _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));  // lanes [1, 0, 3, 2] within each 128 bits
+    } else {
+        x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+        return _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));  // [2, 3, 0, 1]
+#elif defined(__AVX2__) && defined(__FMA__)
+    } else if constexpr (F == 2) {
+        return _mm256_add_ps(x, _mm256_permute_ps(x, 0xB1));
+    } else {
+        x = _mm256_add_ps(x, _mm256_permute_ps(x, 0xB1));
+        return _mm256_add_ps(x, _mm256_permute_ps(x, 0x4E));
+#endif
+    }
 }
